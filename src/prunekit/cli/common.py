@@ -1,0 +1,37 @@
+"""Arguments and rendering shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from prunekit.cli.parsing import positive_int
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default_batch: int = 128) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="cifar10", help="data set: cifar10, cifar100, digits, imagefolder")
+    group.add_argument("--data-dir", default=None,
+                       help="directory holding the data (default: $PRUNEKIT_DATA, else ./data)")
+    group.add_argument("--batch-size", type=positive_int, default=default_batch)
+    group.add_argument("--subset", type=positive_int, default=None,
+                       help="use only the first N training images (and N/5 test images)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+
+
+def console() -> Console:
+    return Console(highlight=False)
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

@@ -1,0 +1,45 @@
+"""``prunekit eval``: test accuracy of a saved model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prunekit.artifact import load_artifact
+from prunekit.cli.common import add_device_argument, console, key_value_table
+from prunekit.cli.parsing import positive_int
+from prunekit.data import build_data
+from prunekit.device import resolve_device, resolve_precision
+from prunekit.measure.accuracy import evaluate
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="measure the test accuracy of a saved model")
+    parser.add_argument("model_dir", type=Path, help="directory with model.json + model.safetensors")
+    parser.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
+    parser.add_argument("--data-dir", default=None, help="directory holding the data")
+    parser.add_argument("--batch-size", type=positive_int, default=512)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="fp32")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_device_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, spec = load_artifact(args.model_dir)
+    data_name = args.data or spec.data or "cifar10"
+    data = build_data(data_name, data_dir=args.data_dir, batch_size=args.batch_size,
+                      test_batch_size=args.batch_size, augment=False)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    result = evaluate(model.to(device), data.test, device=device, precision=precision)
+    report = {"model": spec.model, "data": data_name, "test_acc": result.accuracy, "test_loss": result.loss,
+              "samples": result.samples, "precision": precision}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        console().print(key_value_table(f"{spec.model} on {data_name}", [
+            ("test accuracy", f"{result.accuracy:.4f}"), ("test loss", f"{result.loss:.4f}"),
+            ("images", str(result.samples)), ("precision", precision)]))
+    return 0

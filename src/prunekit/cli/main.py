@@ -1,0 +1,47 @@
+"""The ``prunekit`` command: one subcommand per module of this package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from prunekit.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump) and exits with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> Parser:
+    from prunekit.cli import demo_cmd, eval_cmd, macs_cmd, train_cmd
+
+    parser = Parser(prog="prunekit", description="Prune PyTorch models and measure what you got.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (train_cmd, eval_cmd, macs_cmd, demo_cmd):
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args) or 0
+    except UserError as exc:
+        sys.stderr.write(f"prunekit {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pruning engine: importance criteria, selection, and physical compaction."""

@@ -1,0 +1,67 @@
+"""Data sets as train/test ``BatchLoader`` pairs: ``build_data(name, ...) -> DataBundle``.
+
+Registered names: ``cifar10``, ``cifar100``, ``digits`` (bundled, no download) and
+``imagefolder`` (``data_dir`` holds ``train/`` and ``val/``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from prunekit.data.cifar import CIFAR10, CIFAR100, build_cifar, resolve_data_dir
+from prunekit.data.digits import build_digits
+from prunekit.data.imagefolder import build_imagefolder
+from prunekit.data.loader import (BatchLoader, DataBundle, LoaderOptions, TensorLoader, check_int,
+                                  check_rank)
+from prunekit.errors import UserError
+from prunekit.registry import Registry
+
+__all__ = ["DATASETS", "BatchLoader", "DataBundle", "TensorLoader", "build_data",
+           "resolve_data_dir"]
+
+# A builder is called as builder(opts, data_dir, download, **options).
+DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
+DATASETS.register("cifar10")(functools.partial(build_cifar, CIFAR10, "cifar10"))
+DATASETS.register("cifar100")(functools.partial(build_cifar, CIFAR100, "cifar100"))
+DATASETS.register("digits")(build_digits)
+DATASETS.register("imagefolder")(build_imagefolder)
+
+_COMMON = {"opts", "data_dir", "download"}
+
+
+def build_data(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    batch_size: int = 128,
+    test_batch_size: int = 512,
+    seed: int = 0,
+    augment: bool = True,
+    subset: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    download: bool = True,
+    **options: Any,
+) -> DataBundle:
+    """Train and test loaders of data set ``name`` for this rank.
+
+    ``subset=N`` keeps the first N training and first N // 5 (at least one) test images.
+    ``options`` go to the data set's builder (``imagefolder``: ``image_size``, ``num_workers``).
+    """
+    builder = DATASETS.get(name)
+    check_int("batch_size", batch_size, 1)
+    check_int("test_batch_size", test_batch_size, 1)
+    check_int("seed", seed, 0)
+    if subset is not None:
+        check_int("subset", subset, 1)
+    check_rank(rank, world_size)
+    accepted = set(inspect.signature(builder).parameters) - _COMMON
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UserError(f"dataset {name!r} has no option {', '.join(unknown)}; "
+                        f"it accepts: {', '.join(sorted(accepted)) or 'none'}")
+    opts = LoaderOptions(batch_size=batch_size, test_batch_size=test_batch_size, seed=seed,
+                         augment=augment, subset=subset, rank=rank, world_size=world_size)
+    return builder(opts, data_dir, download, **options)

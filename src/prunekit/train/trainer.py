@@ -1,0 +1,241 @@
+"""The one training loop every method uses; methods plug in as hooks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.data.loader import BatchLoader
+from prunekit.device import autocast, resolve_device, resolve_precision, use_channels_last
+from prunekit.distributed import SINGLE, DistContext
+from prunekit.io import atomic_open
+from prunekit.measure.accuracy import evaluate
+from prunekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from prunekit.train.config import TrainConfig
+from prunekit.train.hooks import Hook
+from prunekit.train.lr_plans import LRPlan, build_lr_plan
+from prunekit.train.optim import build_optimizer, set_lr_and_momentum
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoints/last.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch produced; hooks may add entries to ``extra`` in ``on_epoch_end``."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    lr: float
+    images_per_s: float
+    epoch_time_s: float
+    test_loss: float | None = None
+    test_acc: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    final_test_acc: float | None
+    best_test_acc: float | None
+    best_epoch: int | None
+    history: list[EpochMetrics]
+    wall_time_s: float
+
+    def summary(self) -> dict[str, Any]:
+        """Final-epoch accuracy first; best-epoch only as the optimistic secondary figure."""
+        return {"final_test_acc": self.final_test_acc, "best_test_acc_optimistic": self.best_test_acc,
+                "best_epoch": self.best_epoch, "epochs": len(self.history), "wall_time_s": self.wall_time_s}
+
+
+class RunningStats:
+    """Loss and accuracy sums of the current epoch, kept on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        self.last_loss: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.last_loss = loss.detach()
+        count = labels.numel()
+        self.totals[0] += self.last_loss.double() * count
+        self.totals[1] += (logits.detach().argmax(1) == labels).sum()
+        self.totals[2] += count
+
+    def means(self) -> tuple[float, float, int]:
+        loss_sum, correct, count = self.totals.tolist()
+        count = max(count, 1)
+        return loss_sum / count, correct / count, int(count)
+
+
+class Trainer:
+    """Trains ``model`` on ``train`` batches, evaluates on ``test``, checkpoints into ``run_dir``.
+
+    Hook points are listed in :mod:`prunekit.train.hooks`. The LR plan is applied before every
+    optimizer step. With a ``run_dir``, each epoch ends with an atomic checkpoint and a metrics
+    JSONL; ``fit(resume=True)`` continues a killed run from its last checkpoint exactly.
+    """
+
+    def __init__(self, model: nn.Module, train: BatchLoader, test: BatchLoader | None,
+                 config: TrainConfig, *, hooks: Sequence[Hook] = (), run_dir: str | Path | None = None,
+                 device: str | torch.device = "auto", dist: DistContext = SINGLE,
+                 lr_plan: LRPlan | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.channels_last = use_channels_last(config.channels_last, self.device, self.precision)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.train_loader, self.test_loader = train, test
+        self.hooks = list(hooks)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.dist = dist
+        self.steps_per_epoch = len(train)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training loader yields no batch")
+        self.optimizer = build_optimizer(self.model, config)
+        self.lr_plan = lr_plan or build_lr_plan(config.schedule, lr=config.lr, epochs=config.epochs,
+                                                steps_per_epoch=self.steps_per_epoch, **config.schedule_args)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.history: list[EpochMetrics] = []
+        self.wall_time_s = 0.0  # summed over sessions of a resumed run
+        self.running = RunningStats(self.device)
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the training budget done, in [0, 1] (what schedules are functions of)."""
+        return self.global_step / self.total_steps
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self, resume: bool = True) -> TrainResult:
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_state(load_checkpoint(self.checkpoint_path))
+            log.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
+        else:
+            torch.manual_seed(self.config.seed)
+        self._call("on_train_begin")
+        while self.epoch < self.config.epochs:
+            began = time.perf_counter()
+            metrics = self._train_epoch(self.epoch)
+            if (self.epoch + 1) % self.config.eval_every == 0 or self.epoch + 1 == self.config.epochs:
+                self._evaluate_into(metrics)
+            self.epoch += 1
+            self._call("on_epoch_end", metrics)
+            self.history.append(metrics)
+            self.wall_time_s += time.perf_counter() - began
+            self._persist()
+            log.info("epoch %d/%d %s", metrics.epoch, self.config.epochs, _brief(metrics))
+        self._call("on_train_end")
+        return self._result()
+
+    def _train_epoch(self, epoch: int) -> EpochMetrics:
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        self.running = RunningStats(self.device)
+        self._call("on_epoch_begin", epoch)
+        began = time.perf_counter()
+        for images, labels in self.train_loader:
+            self._train_step(images, labels)
+        loss, acc, count = self.running.means()
+        elapsed = time.perf_counter() - began
+        return EpochMetrics(epoch=epoch + 1, train_loss=loss, train_acc=acc,
+                            lr=self.optimizer.param_groups[0]["lr"], images_per_s=count / elapsed,
+                            epoch_time_s=elapsed)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        self._call("on_step_begin")
+        with autocast(self.device, self.precision):
+            logits = self.model(images)
+            loss = self.criterion(logits.float(), labels)
+            for hook in self.hooks:
+                term = hook.extra_loss(self, logits, labels)
+                if term is not None:
+                    loss = loss + term
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        step = min(self.global_step, self.total_steps - 1)
+        set_lr_and_momentum(self.optimizer, self.lr_plan.lr(step), self.lr_plan.momentum(step))
+        self._call("before_optimizer_step")
+        self.optimizer.step()
+        self._call("after_optimizer_step")
+        self.running.add(loss, logits, labels)
+        self.global_step += 1
+
+    def _evaluate_into(self, metrics: EpochMetrics) -> None:
+        if self.test_loader is None:
+            return
+        result = evaluate(self.model, self.test_loader, device=self.device, precision=self.precision,
+                          channels_last=self.channels_last, dist=self.dist)
+        metrics.test_loss, metrics.test_acc = result.loss, result.accuracy
+        self._call("on_evaluate", metrics)
+
+    def _call(self, point: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, point)(self, *args)
+
+    # ------------------------------------------------------------- persistence
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": capture_rng(),
+            "hooks": [hook.state_dict() for hook in self.hooks],
+            "history": [asdict(m) for m in self.history],
+            "wall_time_s": self.wall_time_s,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
+            hook.load_state_dict(hook_state)
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.history = [EpochMetrics(**m) for m in state["history"]]
+        self.wall_time_s = state["wall_time_s"]
+        restore_rng(state["rng"])
+
+    def _persist(self) -> None:
+        if self.run_dir is None or not self.dist.is_main:
+            return
+        save_checkpoint(self.checkpoint_path, self.state_dict())
+        with atomic_open(self.run_dir / METRICS_NAME) as handle:
+            for metrics in self.history:
+                handle.write(json.dumps(asdict(metrics)) + "\n")
+
+    def _result(self) -> TrainResult:
+        evaluated = [m for m in self.history if m.test_acc is not None]
+        best = max(evaluated, key=lambda m: m.test_acc, default=None)
+        final = self.history[-1].test_acc if self.history else None
+        return TrainResult(final_test_acc=final, best_test_acc=best.test_acc if best else None,
+                           best_epoch=best.epoch if best else None, history=self.history,
+                           wall_time_s=self.wall_time_s)
+
+
+def _brief(metrics: EpochMetrics) -> str:
+    test = f" test_acc={metrics.test_acc:.4f}" if metrics.test_acc is not None else ""
+    return f"loss={metrics.train_loss:.4f} acc={metrics.train_acc:.4f}{test} {metrics.images_per_s:.0f} img/s"
