@@ -21,18 +21,8 @@ from prunekit.data.imagefolder import build_imagefolder
 from prunekit.data.loader import LoaderOptions
 from prunekit.errors import UserError
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 MEAN, STD = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """No test may download: the download function fails as it would offline."""
-
-    def offline(*args, **kwargs):
-        raise URLError("network disabled in tests")
-
-    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
 
 
 @pytest.fixture

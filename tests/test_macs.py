@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from prunekit.errors import UserError
 from prunekit.measure import MacReport, count_macs
 from prunekit.models import build_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny workloads on a shared 2-core machine run far faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cifar_resnet_macs_by_hand(depth: int) -> dict[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from prunekit.errors import UserError
 from prunekit.measure import count_params
 from prunekit.models import MODELS, build_model, list_models
 from prunekit.models.cifar_resnet import BasicBlock, PadShortcut
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny workloads on a shared 2-core machine run far faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", MODELS.names())

@@ -204,7 +204,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng(),
-            "hooks": [hook.state_dict() for hook in self.hooks],
+            "hooks": {key: state for key, hook in self._keyed_hooks().items() if (state := hook.state_dict())},
             "history": [asdict(m) for m in self.history],
             "wall_time_s": self.wall_time_s,
         }
@@ -212,12 +212,28 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
-            hook.load_state_dict(hook_state)
+        saved = dict(state["hooks"])
+        for key, hook in self._keyed_hooks().items():
+            if key in saved:
+                hook.load_state_dict(saved.pop(key))
+        if saved:
+            raise ValueError(f"checkpoint holds state for hooks this run lacks: {', '.join(saved)}")
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.history = [EpochMetrics(**m) for m in state["history"]]
         self.wall_time_s = state["wall_time_s"]
         restore_rng(state["rng"])
+
+    def _keyed_hooks(self) -> dict[str, Hook]:
+        """Hooks by class name (numbered when a class appears twice), the key of their saved state."""
+        keyed: dict[str, Hook] = {}
+        for hook in self.hooks:
+            name = type(hook).__qualname__
+            key, n = name, 1
+            while key in keyed:
+                n += 1
+                key = f"{name}#{n}"
+            keyed[key] = hook
+        return keyed
 
     def _persist(self) -> None:
         if self.run_dir is None or not self.dist.is_main:
