@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -25,7 +26,8 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def console() -> Console:
-    return Console(highlight=False)
+    """Rich console; when the output is not a terminal (logs, CI) tables get 120 columns, not 80."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 import torch
+from rich import box
 from rich.table import Table
 from torch import nn
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     out.print(f"2/3 removing {args.remove:.0%} of the filters of every conv (L1 norm) and compacting")
     _prune_filters(trainer.model, args.remove, data.input_shape)
-    rows.append(_measure("pruned, no fine-tuning", trainer, data))
+    rows.append(_measure("pruned, no fine-tune", trainer, data))
 
     out.print(f"3/3 fine-tuning the compacted model ({args.finetune_epochs} epochs)")
     finetune = TrainConfig(epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
@@ -83,11 +84,11 @@ def _measure(label: str, trainer: Trainer, data) -> Row:
 
 
 def _table(rows: list[Row]) -> Table:
-    table = Table(title="prunekit demo: small_cnn on digits (test split, final epoch)")
-    for column in ("model", "test accuracy", "MACs", "params", "latency b32 fp32"):
+    table = Table(title="prunekit demo: small_cnn on digits (test split, final epoch)", box=box.SIMPLE)
+    for column in ("model", "test acc", "MACs", "× MACs", "params", "× params", "latency b32 fp32"):
         table.add_column(column, justify="left" if column == "model" else "right")
     dense = rows[0]
     for row in rows:
-        table.add_row(row.label, f"{row.accuracy:.2%}", f"{row.macs:,} ({row.macs / dense.macs:.2f}x)",
-                      f"{row.params:,} ({row.params / dense.params:.2f}x)", f"{row.latency_ms:.2f} ms")
+        table.add_row(row.label, f"{row.accuracy:.1%}", f"{row.macs:,}", f"{row.macs / dense.macs:.2f}x",
+                      f"{row.params:,}", f"{row.params / dense.params:.2f}x", f"{row.latency_ms:.2f} ms")
     return table

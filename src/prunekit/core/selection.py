@@ -1,6 +1,21 @@
-"""Turning scores into the exact set of units to keep (METHODS §0.4: top-k, ties by index)."""
+"""Turning scores into the exact set of units to keep (METHODS §0.4: top-k, ties by index).
+
+Scopes:
+
+* **local**: every layer keeps ``round((1 − s) · n_l)`` of its own ``n_l`` units.
+* **global**: one ranking over the units of all layers; ``round((1 − s) · Σ n_l)`` are kept in
+  total, ties broken by layer order, then unit index. Scores are compared raw (for unstructured
+  magnitude this is ``torch.nn.utils.prune.global_unstructured``); :func:`normalise` first divides
+  each layer's scores by their mean magnitude, so layers of different fan-in compete on equal
+  terms (Torch-Pruning's default ``"mean"`` normaliser).
+
+Scores of ``-inf`` mark units that must stay pruned: they rank last.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 import torch
 
@@ -18,3 +33,54 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, ties broken by lower index, returned sorted."""
     order = torch.sort(-scores.detach().flatten(), stable=True).indices
     return order[:k].sort().values
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask shaped like ``scores``: True at exactly the ``k`` largest (ties: lower flat index)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[top_k_indices(scores, k)] = True
+    return mask.view(scores.shape)
+
+
+def round_kept(kept: int, total: int, round_to: int | None) -> int:
+    """``kept`` rounded to the nearest multiple of ``round_to`` (halves up), within [round_to, total].
+
+    0 stays 0 and ``total`` stays ``total`` (a dense layer need not be a multiple).
+    """
+    if round_to is None or kept in (0, total):
+        return kept
+    return min(total, max(round_to, round_to * math.floor(kept / round_to + 0.5)))
+
+
+def local_masks(scores: Mapping[str, torch.Tensor], sparsity: Mapping[str, float],
+                round_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer top-k: layer ``name`` keeps ``round((1 − sparsity[name]) · n)`` units."""
+    return {name: top_k_mask(s, round_kept(keep_count(s.numel(), sparsity[name]), s.numel(), round_to))
+            for name, s in scores.items()}
+
+
+def global_masks(scores: Mapping[str, torch.Tensor], sparsity: float,
+                 round_to: int | None = None) -> dict[str, torch.Tensor]:
+    """One ranking across layers; with ``round_to``, each layer's share is then rounded and re-picked."""
+    if not scores:
+        return {}
+    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
+    kept = top_k_mask(flat, keep_count(flat.numel(), sparsity))
+    pieces = dict(zip(scores, kept.split([s.numel() for s in scores.values()])))
+    if round_to is None:
+        return {name: pieces[name].view(s.shape) for name, s in scores.items()}
+    return {name: top_k_mask(s, round_kept(int(pieces[name].sum()), s.numel(), round_to))
+            for name, s in scores.items()}
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by the mean |score| of their finite entries (unchanged if that is 0)."""
+    finite = scores[torch.isfinite(scores)]
+    scale = finite.abs().mean() if finite.numel() else scores.new_zeros(())
+    return scores / scale if scale > 0 else scores
+
+
+def nm_mask(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """For scores shaped ``[G, M]``: True at the ``n`` largest of each row (ties: lower index)."""
+    order = torch.sort(-groups.detach(), dim=1, stable=True).indices[:, :n]
+    return torch.zeros(groups.shape, dtype=torch.bool, device=groups.device).scatter_(1, order, True)

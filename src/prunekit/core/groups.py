@@ -1,0 +1,285 @@
+"""Prunable channel groups, read from Torch-Pruning's dependency graph.
+
+A group is a set of channels that must be removed together: the output channels of one or
+more layers (residual partners share them) plus everything they feed (the BN after a conv,
+the input channels of consumers, depthwise convs, concatenation slots, layer scales). Each
+group is named by its root: the first layer in module order whose output channels it holds.
+
+A group is *blocked* when masking its channels would not compute what removing them does,
+or when Torch-Pruning cannot follow it; its ``blocked`` field says which op and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prunekit.core.selection import keep_count
+from prunekit.errors import UserError
+from prunekit.models.cifar_resnet import PadShortcut
+
+_OPAQUE: dict[type[nn.Module], str] = {
+    PadShortcut: "coupled to an option-A zero-padding shortcut (PadShortcut), whose channel offset "
+    "Torch-Pruning cannot follow",
+}
+"""Parameter-free layers Torch-Pruning would wrongly treat as element-wise: never pruned through."""
+
+_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm)
+_ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class _OpaquePruner(tp.pruner.BasePruningFunc):
+    """Cuts the graph at a layer (distinct in/out functions) so its channels stay uncoupled."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise UserError(f"cannot remove channels through {type(layer).__name__}")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise UserError(f"cannot remove channels through {type(layer).__name__}")
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        return getattr(layer, "out_channels", None)
+
+    def get_in_channels(self, layer: nn.Module) -> int | None:
+        return getattr(layer, "in_channels", None)
+
+
+@dataclass(frozen=True)
+class Coupled:
+    """One dimension of one parameter that moves with the group's channels.
+
+    Entry ``position[i]`` along ``dim`` belongs to root channel ``root_channel[i]`` (several
+    positions per channel after a flatten; a concatenation offsets them).
+    """
+
+    param: str
+    dim: int
+    shape: tuple[int, ...]
+    position: torch.Tensor
+    root_channel: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels of ``root`` and every tensor coupled to them.
+
+    ``members`` lists ``(name, "out" | "in" | "param")`` for every coupled layer or bare parameter, ``coupled`` the
+    parameter dimensions that shrink, ``blocked`` why the group cannot be removed (else None).
+    """
+
+    root: str
+    channels: int
+    members: tuple[tuple[str, str], ...]
+    coupled: tuple[Coupled, ...]
+    blocked: str | None = None
+
+    @property
+    def out_layers(self) -> tuple[str, ...]:
+        """Layers whose output channels are this group's channels (root first)."""
+        return tuple(name for name, role in self.members if role == "out")
+
+    def keep_count(self, fraction_removed: float, round_to: int = 1) -> int:
+        """Channels kept when removing ``fraction_removed``, rounded to a multiple of ``round_to``.
+
+        Compacted layers run faster when widths are multiples of 8; the count is rounded to the
+        nearest multiple (at least one multiple, at most all channels).
+        """
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise UserError(f"round_to: expected an integer >= 1, got {round_to!r}")
+        kept = keep_count(self.channels, fraction_removed)
+        if round_to > 1 and kept > 0:
+            kept = min(self.channels, max(round_to, round_to * round(kept / round_to)))
+        return kept
+
+    def positions(self, keep: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        """Kept positions along each coupled ``(parameter, dim)`` when root channels ``keep`` stay."""
+        keep = self.check_keep(keep)
+        out: dict[tuple[str, int], torch.Tensor] = {}
+        for c in self.coupled:
+            removed = c.position[~torch.isin(c.root_channel, keep)]
+            kept = torch.ones(c.shape[c.dim], dtype=torch.bool)
+            kept[removed] = False
+            key = (c.param, c.dim)
+            out[key] = kept.nonzero().flatten() if key not in out else _intersect(out[key], kept)
+        return out
+
+    def masks(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Boolean masks (parameter shape) under which the model computes what removal would.
+
+        Zeroes the root's filters and bias, the coupled BN's weight and bias (BN(x) = 0 when
+        gamma = beta = 0), depthwise filters, layer scales and the consumers' input channels.
+        """
+        shapes = {c.param: c.shape for c in self.coupled}
+        out: dict[str, torch.Tensor] = {}
+        for (param, dim), kept in self.positions(keep).items():
+            line = torch.zeros(shapes[param][dim], dtype=torch.bool)
+            line[kept] = True
+            view = [1] * len(shapes[param])
+            view[dim] = -1
+            mask = line.view(view).expand(shapes[param])
+            out[param] = mask.clone() if param not in out else out[param] & mask
+        return out
+
+    def check_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep`` as sorted CPU indices, or a :class:`UserError` saying what is wrong with it."""
+        keep = torch.as_tensor(keep).detach().cpu()
+        if keep.dim() != 1 or keep.is_floating_point() or keep.dtype == torch.bool:
+            raise UserError(f"keep[{self.root!r}]: expected a 1-D tensor of channel indices")
+        if keep.numel() == 0:
+            raise UserError(f"keep[{self.root!r}]: would keep no channel")
+        if keep.min() < 0 or keep.max() >= self.channels or keep.unique().numel() != keep.numel():
+            raise UserError(f"keep[{self.root!r}]: expected distinct indices in [0, {self.channels})")
+        return keep.long().sort().values
+
+
+def _intersect(kept: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    return kept[flags[kept]]
+
+
+def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of ``model`` (traced in eval mode; the training flag is restored)."""
+    modes = {m: m.training for m in model.modules()}
+    pruner = _OpaquePruner()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, verbose=False,
+                customized_pruners={cls: pruner for cls in _OPAQUE},
+            )
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: Iterable[str] | None = None,
+                   *, graph: tp.DependencyGraph | None = None) -> list[ChannelGroup]:
+    """Every channel group of the model's Conv/Linear layers, in module order.
+
+    ``layers`` keeps only the groups holding the output channels of one of those layers.
+    ``graph`` reuses a graph from :func:`dependency_graph` built on the same model.
+    """
+    graph = graph or dependency_graph(model, example_input)
+    names = {module: name for name, module in model.named_modules()}
+    params = {p: name for name, p in model.named_parameters()}
+    wanted = None if layers is None else set(layers)
+    seen: set[str] = set()
+    groups = []
+    for name, module in model.named_modules():
+        if name in seen or not isinstance(module, _ROOTS) or module not in graph.module2node:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = pruner.get_out_channels(module)
+        tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        group = _describe(graph, tp_group, name, channels, names, params)
+        seen.update(group.out_layers)
+        if wanted is None or wanted & set(group.out_layers):
+            groups.append(group)
+    return groups
+
+
+def group_masks(groups: Iterable[ChannelGroup], keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks of several groups at once (``keep`` by root name), combined where they overlap."""
+    by_root = {g.root: g for g in groups}
+    out: dict[str, torch.Tensor] = {}
+    for root, kept in keep.items():
+        if root not in by_root:
+            raise UserError(f"keep: {root!r} is not the root of a channel group")
+        for param, mask in by_root[root].masks(kept).items():
+            out[param] = mask if param not in out else out[param] & mask
+    return out
+
+
+def _describe(graph: tp.DependencyGraph, tp_group: tp.Group, root: str, channels: int,
+              names: dict[nn.Module, str], params: dict[nn.Parameter, str]) -> ChannelGroup:
+    members: list[tuple[str, str]] = []
+    coupled: list[Coupled] = []
+    blocked: dict[str, list[str]] = {}  # why -> layer names
+    for item in tp_group:
+        node, module = item.dep.target, item.dep.target.module
+        if isinstance(module, nn.Parameter):
+            coupled.append(_coupled(params[module], module, node.pruning_dim, item))
+            members.append((params[module], "param"))
+            continue
+        if node.type == tp.ops.OPTYPE.OUTPUT:
+            blocked.setdefault(_OUTPUT, [])
+        if module not in names:
+            continue  # Torch-Pruning's parameter-free ops (add, cat, flatten, slice, ...)
+        name = names[module]
+        role = "out" if item.dep.handler == graph.get_pruner_of_module(module).prune_out_channels else "in"
+        members.append((name, role))
+        why = _why_blocked(module)
+        if role == "out" and isinstance(module, _ROOTS) and not node.outputs:
+            why = _OUTPUT
+        if why:
+            blocked.setdefault(why, []).append(name)
+            continue
+        for param, dim in _dims(module, role):
+            coupled.append(_coupled(f"{name}.{param}" if name else param, getattr(module, param), dim, item))
+    for c in coupled:
+        if c.position.numel() and int(c.position.max()) >= c.shape[c.dim]:
+            blocked.setdefault(_RESHAPE, []).append(c.param)
+    return ChannelGroup(root, channels, tuple(members), tuple(coupled), _reason(blocked))
+
+
+_OUTPUT = "its channels are the model's output"
+_RESHAPE = "Torch-Pruning's channel index mapping runs past the tensor (a reshape it cannot follow)"
+
+
+def _reason(blocked: dict[str, list[str]]) -> str | None:
+    """One line: each blocking op once, with (up to three of) the layers that carry it."""
+    parts = []
+    for why, layers in blocked.items():
+        shown = ", ".join(repr(n) for n in dict.fromkeys(layers[:3]))
+        more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+        parts.append(f"{why} ({shown}{more})" if layers else why)
+    return "; ".join(parts) or None
+
+
+def _coupled(param: str, tensor: torch.Tensor, dim: int, item) -> Coupled:
+    dim = dim % tensor.dim()
+    return Coupled(param, dim, tuple(tensor.shape), torch.tensor(item.idxs, dtype=torch.long),
+                   torch.tensor(item.root_idxs, dtype=torch.long))
+
+
+def _why_blocked(module: nn.Module) -> str | None:
+    for cls, why in _OPAQUE.items():
+        if isinstance(module, cls):
+            return why
+    if isinstance(module, _ACROSS_CHANNELS):
+        return (f"coupled to {type(module).__name__}, which normalises across channels, so masking "
+                "cannot reproduce their removal")
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _depthwise(module):
+        return f"coupled to a grouped conv (groups={module.groups}), whose filter-to-group layout removal would break"
+    if not isinstance(module, _SUPPORTED):
+        return f"coupled to a {type(module).__name__}, a layer type compaction does not support"
+    return None
+
+
+def _depthwise(conv: nn.modules.conv._ConvNd) -> bool:
+    return conv.groups == conv.out_channels and conv.out_channels > 1
+
+
+_SUPPORTED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
+              nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+
+
+def _dims(module: nn.Module, role: str) -> list[tuple[str, int]]:
+    """``(parameter attribute, dim)`` that shrink when ``module`` loses channels on ``role``."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if _depthwise(module):
+            return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+        out_dim = 1 if module.transposed else 0
+        if role == "in":
+            return [("weight", 1 - out_dim)]
+        return [("weight", out_dim)] + ([("bias", 0)] if module.bias is not None else [])
+    if isinstance(module, nn.Linear):
+        if role == "in":
+            return [("weight", 1)]
+        return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0)] if module.num_parameters > 1 else []
+    return [("weight", 0), ("bias", 0)] if getattr(module, "affine", False) else []
