@@ -1,19 +1,23 @@
 """A model on disk without pickles: ``model.json`` (how to rebuild it) + ``model.safetensors``.
 
 The JSON names the registered architecture and its arguments, so a fresh process rebuilds
-the module and loads the tensors; later pruning stages add a manifest of kept channels.
+the module and loads the tensors. A compacted model also carries the manifest of its kept
+channels (:mod:`prunekit.core.manifest`): the dense architecture is built, the same channels
+removed, then the weights loaded.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from prunekit.core.manifest import Manifest, apply_manifest
 from prunekit.errors import UserError
 from prunekit.io import atomic_path, write_json
 from prunekit.models import build_model
@@ -32,11 +36,19 @@ class ModelSpec:
     input_shape: tuple[int, ...] = (3, 32, 32)
     data: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    """Kept channels of a compacted model (``Manifest.to_dict()``); None for a dense one."""
 
 
-def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` then ``model.json`` (the JSON last: its presence marks completeness)."""
+def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path,
+                  manifest: Manifest | None = None) -> Path:
+    """Write ``model.safetensors`` then ``model.json`` (the JSON last: its presence marks completeness).
+
+    Pass the ``manifest`` of a compacted model (it goes into ``model.json``).
+    """
     directory = Path(directory)
+    if manifest is not None:
+        spec = replace(spec, manifest=manifest.to_dict())
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), force_contiguous=True)
     write_json(directory / SPEC_NAME, asdict(spec))
@@ -56,6 +68,8 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"model: {str(spec_path)!r} is not a valid model spec ({exc})") from None
     model = build_model(spec.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if spec.manifest is not None:
+        apply_manifest(model, Manifest.from_dict(spec.manifest), torch.zeros(1, *spec.input_shape))
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
     except (OSError, ValueError, RuntimeError) as exc:

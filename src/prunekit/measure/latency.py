@@ -56,3 +56,10 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_siz
     deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     return Latency(batch_size=batch_size, precision=precision, median_ms=statistics.median(times),
                    p10_ms=deciles[0], p90_ms=deciles[-1], repeats=repeats)
+
+
+def latency_grid(model: nn.Module, input_shape: tuple[int, ...], *, batch_sizes: tuple[int, ...] = (1, 32),
+                 precisions: tuple[str, ...] = ("fp32", "bf16"), **options) -> list[Latency]:
+    """Latency at every (batch size, precision) pair; fp32 runs NCHW, bf16 channels_last."""
+    return [measure_latency(model, input_shape, batch_size=b, precision=p, channels_last=p == "bf16", **options)
+            for b in batch_sizes for p in precisions]

@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.artifact import ModelSpec, load_artifact, save_artifact
+from prunekit.errors import UserError
+from prunekit.measure.latency import latency_grid, measure_latency
+from prunekit.measure.sparsity import weight_sparsity
+from prunekit.models import build_model
+
+
+def test_latency_is_a_median_and_restores_training_mode():
+    model = build_model("small_cnn", num_classes=10, in_channels=1).train()
+    result = measure_latency(model, (1, 8, 8), batch_size=4, warmup=2, repeats=9)
+    assert model.training
+    assert 0 < result.p10_ms <= result.median_ms <= result.p90_ms
+    assert result.images_per_s == pytest.approx(4 / (result.median_ms / 1000))
+
+
+def test_latency_grid_covers_batch_sizes_and_precisions():
+    model = build_model("small_cnn", num_classes=10, in_channels=1)
+    grid = latency_grid(model, (1, 8, 8), warmup=1, repeats=3)
+    assert [(r.batch_size, r.precision) for r in grid] == [(1, "fp32"), (1, "bf16"), (32, "fp32"), (32, "bf16")]
+
+
+def two_layer_net():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        for m in net:
+            if hasattr(m, "weight"):
+                m.weight.fill_(1.0)
+        net[0].weight[0].zero_()          # 18 of 72 first-conv weights
+        net[1].weight[:, :2].zero_()      # 8 of 16 second-conv weights
+        net[3].weight[0].zero_()          # 4 of 12 linear weights
+    return net
+
+
+def test_sparsity_states_what_it_covers():
+    net = two_layer_net()
+    conv = weight_sparsity(net, covers="conv")
+    assert (conv.zeros, conv.total, conv.layers) == (26, 88, 2)
+    no_first = weight_sparsity(net, covers="conv", include_first_conv=False)
+    assert (no_first.zeros, no_first.total) == (8, 16)
+    both = weight_sparsity(net, covers="conv+linear")
+    assert both.fraction == pytest.approx(30 / 100)
+    assert "conv+linear" in both.describe() and "first conv included" in both.describe()
+    with pytest.raises(UserError, match="covers: expected one of"):
+        weight_sparsity(net, covers="everything")
+
+
+def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10).eval()
+    save_artifact(model, ModelSpec(model="resnet20", num_classes=10), tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / "expected.pt")
+    code = (
+        "import sys, torch; from prunekit.artifact import load_artifact;"
+        "d = sys.argv[1]; m, _ = load_artifact(d); m.eval();"
+        "x = torch.load(d + '/x.pt', weights_only=True);"
+        "torch.save(m(x).detach(), d + '/actual.pt')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    actual = torch.load(tmp_path / "actual.pt", weights_only=True)
+    assert torch.equal(expected, actual)
+
+
+def test_loading_weights_into_the_wrong_architecture_is_a_user_error(tmp_path):
+    save_artifact(build_model("resnet20"), ModelSpec(model="resnet20", num_classes=10), tmp_path)
+    spec = (tmp_path / "model.json").read_text().replace('"resnet20"', '"resnet32"')
+    (tmp_path / "model.json").write_text(spec)
+    with pytest.raises(UserError, match="do not fit 'resnet32'"):
+        load_artifact(tmp_path)
