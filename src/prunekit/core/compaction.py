@@ -42,12 +42,15 @@ def compact(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torc
             atol: float = 1e-4) -> CompactionResult:
     """Keep only the output channels ``keep[layer]`` of each named layer's channel group, in place.
 
-    ``keep`` maps a Conv/Linear layer (best the group's root, see
-    :func:`~prunekit.core.groups.channel_groups`) to the output-channel indices to keep. ``optimizer`` (holding the model's parameters) is re-bound to
-    the new parameter objects with its state sliced to the kept entries. With ``verify``, the
-    model (eval mode, a seeded probe batch of 2) must reproduce the masked model's output
-    within ``atol`` (times the output scale when above 1), else :class:`CompactionMismatch`.
-    Groups that cannot be removed raise :class:`UserError` naming the blocking op and layer.
+    ``keep`` maps a Conv/Linear layer (ideally the group's root, see
+    :func:`~prunekit.core.groups.channel_groups`) to the output-channel indices to keep; groups
+    not named stay whole. ``optimizer`` (over the model's parameters) is re-bound to the new
+    parameter objects, its per-entry state (momentum, Adam moments) sliced to the kept entries.
+    With ``verify``, the model (eval mode, a seeded probe batch of 2 shaped like
+    ``example_input``) must reproduce the masked model's output within ``atol`` (times the
+    output scale when above 1), else :class:`CompactionMismatch` (the model is then left
+    compacted). Groups that cannot be removed raise :class:`UserError` naming the blocking
+    op and layer, before anything changes.
     """
     graph = dependency_graph(model, example_input)
     plan = _plan(channel_groups(model, example_input, graph=graph), keep)

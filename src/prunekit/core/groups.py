@@ -28,8 +28,19 @@ _OPAQUE: dict[type[nn.Module], str] = {
 }
 """Parameter-free layers Torch-Pruning would wrongly treat as element-wise: never pruned through."""
 
-_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm)
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
+_SUPPORTED = (*_ROOTS, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
+_ACROSS_CHANNELS = (nn.LayerNorm, nn.GroupNorm)
+_OUTPUT = "its channels are the model's output"
+_RESHAPE = "Torch-Pruning's channel index mapping runs past the tensor (a reshape it cannot follow)"
+_PERMUTE = ("its channels pass through a permute/transpose and a reshape, whose channel order "
+            "Torch-Pruning cannot follow")
+_REORDERING = {
+    _PERMUTE: ("PermuteBackward", "TransposeBackward"),
+    "its channels pass through an op that reorders channels, which Torch-Pruning cannot follow":
+        ("PixelShuffleBackward", "PixelUnshuffleBackward", "ChannelShuffleBackward", "NativeChannelShuffleBackward"),
+}
+"""Parameter-free ops Torch-Pruning treats as element-wise although they move channels."""
 
 
 class _OpaquePruner(tp.pruner.BasePruningFunc):
@@ -48,7 +59,7 @@ class _OpaquePruner(tp.pruner.BasePruningFunc):
         return getattr(layer, "in_channels", None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Coupled:
     """One dimension of one parameter that moves with the group's channels.
 
@@ -67,8 +78,11 @@ class Coupled:
 class ChannelGroup:
     """Channels of ``root`` and every tensor coupled to them.
 
-    ``members`` lists ``(name, "out" | "in" | "param")`` for every coupled layer or bare parameter, ``coupled`` the
-    parameter dimensions that shrink, ``blocked`` why the group cannot be removed (else None).
+    ``members`` lists ``(name, role)`` for every coupled layer or bare parameter: ``"out"`` for
+    a Conv/Linear whose output channels these are, ``"in"`` for a layer that consumes or carries
+    them (a consumer's input channels, a norm layer), ``"param"`` for a bare parameter.
+    ``coupled`` lists the parameter dimensions that shrink; ``blocked`` says why the group
+    cannot be removed (None when it can).
     """
 
     root: str
@@ -104,7 +118,7 @@ class ChannelGroup:
             kept = torch.ones(c.shape[c.dim], dtype=torch.bool)
             kept[removed] = False
             key = (c.param, c.dim)
-            out[key] = kept.nonzero().flatten() if key not in out else _intersect(out[key], kept)
+            out[key] = kept.nonzero().flatten() if key not in out else out[key][kept[out[key]]]
         return out
 
     def masks(self, keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -134,10 +148,6 @@ class ChannelGroup:
         if keep.min() < 0 or keep.max() >= self.channels or keep.unique().numel() != keep.numel():
             raise UserError(f"keep[{self.root!r}]: expected distinct indices in [0, {self.channels})")
         return keep.long().sort().values
-
-
-def _intersect(kept: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-    return kept[flags[kept]]
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
@@ -182,13 +192,17 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: Iterab
 
 
 def group_masks(groups: Iterable[ChannelGroup], keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Masks of several groups at once (``keep`` by root name), combined where they overlap."""
-    by_root = {g.root: g for g in groups}
+    """Masks of several groups at once, combined where they overlap.
+
+    ``keep`` is keyed like :func:`~prunekit.core.compaction.compact`'s: by a layer whose output
+    channels the group holds (its root or a residual partner).
+    """
+    by_layer = {layer: g for g in groups for layer in g.out_layers}
     out: dict[str, torch.Tensor] = {}
-    for root, kept in keep.items():
-        if root not in by_root:
-            raise UserError(f"keep: {root!r} is not the root of a channel group")
-        for param, mask in by_root[root].masks(kept).items():
+    for layer, kept in keep.items():
+        if layer not in by_layer:
+            raise UserError(f"keep: {layer!r} is not a Conv/Linear layer of these channel groups")
+        for param, mask in by_layer[layer].masks(kept).items():
             out[param] = mask if param not in out else out[param] & mask
     return out
 
@@ -198,6 +212,8 @@ def _describe(graph: tp.DependencyGraph, tp_group: tp.Group, root: str, channels
     members: list[tuple[str, str]] = []
     coupled: list[Coupled] = []
     blocked: dict[str, list[str]] = {}  # why -> layer names
+    reorders: dict[str, list[str]] = {}  # why -> ops that reorder channels
+    reshaped = any(item.dep.target.type == tp.ops.OPTYPE.RESHAPE for item in tp_group)
     for item in tp_group:
         node, module = item.dep.target, item.dep.target.module
         if isinstance(module, nn.Parameter):
@@ -206,27 +222,32 @@ def _describe(graph: tp.DependencyGraph, tp_group: tp.Group, root: str, channels
             continue
         if node.type == tp.ops.OPTYPE.OUTPUT:
             blocked.setdefault(_OUTPUT, [])
-        if module not in names:
-            continue  # Torch-Pruning's parameter-free ops (add, cat, flatten, slice, ...)
+        if module not in names:  # Torch-Pruning's parameter-free ops (add, cat, flatten, slice, ...)
+            op = node.grad_fn.name() if hasattr(node.grad_fn, "name") else ""
+            for why, kinds in _REORDERING.items():
+                if any(op.startswith(k) for k in kinds):
+                    reorders.setdefault(why, []).append(op)
+            continue
         name = names[module]
-        role = "out" if item.dep.handler == graph.get_pruner_of_module(module).prune_out_channels else "in"
+        out = isinstance(module, _ROOTS) and item.dep.handler == graph.get_pruner_of_module(module).prune_out_channels
+        role = "out" if out else "in"
         members.append((name, role))
         why = _why_blocked(module)
-        if role == "out" and isinstance(module, _ROOTS) and not node.outputs:
+        if out and not node.outputs:
             why = _OUTPUT
         if why:
             blocked.setdefault(why, []).append(name)
             continue
         for param, dim in _dims(module, role):
             coupled.append(_coupled(f"{name}.{param}" if name else param, getattr(module, param), dim, item))
+    for why, ops in reorders.items():
+        if why != _PERMUTE or reshaped:
+            blocked[why] = ops
     for c in coupled:
         if c.position.numel() and int(c.position.max()) >= c.shape[c.dim]:
             blocked.setdefault(_RESHAPE, []).append(c.param)
     return ChannelGroup(root, channels, tuple(members), tuple(coupled), _reason(blocked))
 
-
-_OUTPUT = "its channels are the model's output"
-_RESHAPE = "Torch-Pruning's channel index mapping runs past the tensor (a reshape it cannot follow)"
 
 
 def _reason(blocked: dict[str, list[str]]) -> str | None:
@@ -260,11 +281,8 @@ def _why_blocked(module: nn.Module) -> str | None:
 
 
 def _depthwise(conv: nn.modules.conv._ConvNd) -> bool:
-    return conv.groups == conv.out_channels and conv.out_channels > 1
+    return conv.groups == conv.in_channels == conv.out_channels > 1
 
-
-_SUPPORTED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm,
-              nn.modules.instancenorm._InstanceNorm, nn.PReLU)
 
 
 def _dims(module: nn.Module, role: str) -> list[tuple[str, int]]:

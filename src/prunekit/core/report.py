@@ -17,6 +17,8 @@ from prunekit.measure.params import count_params
 
 SHORTFALL = 0.8
 """A speed-up below this fraction of the MACs ratio gets an explanation."""
+NOTABLE = 0.05
+"""Share of the remaining MACs from which dense or depthwise layers get a hint."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,9 @@ def compaction_report(dense: nn.Module, compacted: nn.Module, input_shape: tuple
     """Compare a dense model with its compacted version (same module names).
 
     Hints explain a speed-up short of the MACs ratio: layers left dense, widths not a multiple
-    of 8, depthwise convs. Latency is measured with :func:`~prunekit.measure.latency.measure_latency` at ``batch_size``
-    and ``precision`` (``repeats=0`` skips it). MACs follow the thop convention at batch 1.
+    of 8, depthwise convs. Latency comes from :func:`~prunekit.measure.latency.measure_latency`
+    at ``batch_size`` and ``precision`` (fp32 NCHW, bf16 channels_last; ``repeats=0`` skips it).
+    MACs follow the thop convention at batch 1.
     """
     macs_before = {r.name: r.macs for r in count_macs(dense, input_shape).rows}
     macs_after = {r.name: r.macs for r in count_macs(compacted, input_shape).rows}
@@ -82,7 +85,8 @@ def compaction_report(dense: nn.Module, compacted: nn.Module, input_shape: tuple
         rows.append(LayerRow(name, type(module).__name__, tuple(weight.shape), tuple(after[name].weight.shape),
                              macs_before.get(name, 0), macs_after.get(name, 0)))
     latency = [measure_latency(m, tuple(input_shape), batch_size=batch_size, precision=precision,
-                               repeats=repeats, warmup=warmup) for m in (dense, compacted)] if repeats else [None, None]
+                               channels_last=precision == "bf16", repeats=repeats, warmup=warmup)
+               for m in (dense, compacted)] if repeats else [None, None]
     report = CompactionReport(tuple(rows), sum(macs_before.values()), sum(macs_after.values()),
                               count_params(dense), count_params(compacted), latency[0], latency[1], ())
     return replace(report, hints=tuple(_hints(report, after)))
@@ -91,23 +95,28 @@ def compaction_report(dense: nn.Module, compacted: nn.Module, input_shape: tuple
 def _hints(report: CompactionReport, modules: dict[str, nn.Module]) -> list[str]:
     weighted = [r for r in report.layers if r.type in ("Conv1d", "Conv2d", "Conv3d", "Linear")]
     hints = []
-    if report.speedup is not None and report.speedup < SHORTFALL * report.macs_ratio:
+    short = report.speedup is not None and report.speedup < SHORTFALL * report.macs_ratio
+    if short:
         hints.append(f"speed-up {report.speedup:.2f}x falls short of the MACs ratio {report.macs_ratio:.2f}x")
     dense = [r for r in weighted if r.shape_before == r.shape_after and r.macs_after]
     share = sum(r.macs_after for r in dense) / report.macs_after if report.macs_after else 0.0
-    if dense:
+    if share >= NOTABLE:
         top = ", ".join(r.name for r in sorted(dense, key=lambda r: -r.macs_after)[:3])
         hints.append(f"{len(dense)} layers left dense carry {share:.0%} of the remaining MACs (largest: {top})")
-    odd = [r for r in weighted if r.shape_before != r.shape_after and r.shape_after[0] % 8 and not r.shape_before[0] % 8]
+    odd = [r for r in weighted
+           if r.shape_before != r.shape_after and r.shape_after[0] % 8 and not r.shape_before[0] % 8]
     if odd:
         listed = ", ".join(f"{r.name} ({r.shape_after[0]})" for r in odd[:3])
         hints.append(f"{len(odd)} compacted layers have output widths not a multiple of 8 (e.g. {listed}): "
                      "choose keep counts with round_to=8")
     depthwise = [r for r in weighted if _depthwise(modules.get(r.name))]
     dw_share = sum(r.macs_after for r in depthwise) / report.macs_after if report.macs_after else 0.0
-    if dw_share >= 0.05:
+    if dw_share >= NOTABLE:
         hints.append(f"depthwise convs carry {dw_share:.0%} of the remaining MACs; they are memory-bound, "
                      "so their channels save less time than MACs")
+    if len(hints) == 1 and short:
+        hints.append(f"no layer-level cause found: at batch {report.latency_after.batch_size}, per-op costs that "
+                     "MACs do not count (memory traffic, norms, activations, dispatch) dominate; try a larger batch")
     return hints
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.core.compaction import remove_output_channels
 from prunekit.errors import UserError
 from prunekit.measure.macs import count_macs
 
@@ -120,6 +119,8 @@ def compacted_macs(model: nn.Module, example_input: torch.Tensor) -> MacsOf:
     Exact for any model compaction supports, but each call copies the model and builds its
     dependency graph; an analytic counter is faster where the architecture is known.
     """
+    from prunekit.core.compaction import remove_output_channels  # Torch-Pruning only when asked for
+
     def macs_of(keep: Mapping[str, torch.Tensor]) -> int:
         pruned = copy.deepcopy(model)
         remove_output_channels(pruned, {n: m.flatten().nonzero().flatten() for n, m in keep.items()},
