@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prunekit.artifact import load_artifact
+from prunekit.cli.main import main
+from prunekit.measure import count_macs
+
+
+def run_cli(capsys, *args):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--model", "small_cnn", "--data", "digits", "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_macs_target_is_met_and_model_is_compacted(capsys, tmp_path, trained):
+    code, out, err = run_cli(capsys, "prune", trained, "--target", "macs=0.5", "--scope", "global",
+                             "--out", tmp_path)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "prune.json").read_text())
+    assert summary["compacted"] and summary["macs_after"] <= 0.5 * summary["macs_before"]
+    assert summary["macs_after"] >= 0.45 * summary["macs_before"]  # within a few filters of the budget
+    model, spec = load_artifact(tmp_path)
+    assert spec.manifest is not None
+    assert count_macs(model, spec.input_shape).total == summary["macs_after"]
+    assert every_layer_kept_something(model)
+
+
+def every_layer_kept_something(model):
+    return all(m.weight.shape[0] > 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_prune_no_compact_then_compact_gives_the_same_function(capsys, tmp_path, trained):
+    assert run_cli(capsys, "prune", trained, "--target", "filters=0.5", "--no-compact", "--out", tmp_path / "m")[0] == 0
+    masks = load_file(tmp_path / "m" / "masks.safetensors")
+    assert {name: int(mask.sum()) for name, mask in masks.items()} == {"features.0.0": 16, "features.1.0": 32,
+                                                                       "features.2.0": 32}
+    assert run_cli(capsys, "compact", tmp_path / "m", "--out", tmp_path / "c")[0] == 0
+    masked, _ = load_artifact(tmp_path / "m")
+    compacted, _ = load_artifact(tmp_path / "c")
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(masked.eval()(x), compacted.eval()(x), atol=1e-5)
+    assert count_macs(compacted, (1, 8, 8)).total < 0.3 * count_macs(masked, (1, 8, 8)).total
+
+
+def test_unstructured_target_is_exact_and_leaves_shapes(capsys, tmp_path, trained):
+    assert run_cli(capsys, "prune", trained, "--target", "weights=0.9", "--granularity", "weight",
+                   "--out", tmp_path)[0] == 0
+    model, _ = load_artifact(tmp_path)
+    for layer in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        assert int((layer.weight == 0).sum()) == layer.weight.numel() - round(0.1 * layer.weight.numel())
+    code, _, err = run_cli(capsys, "compact", tmp_path, "--out", tmp_path / "c")
+    assert code == 2 and "holds no filter masks" in err
+
+
+def test_inspect_reports_layers_totals_and_latency(capsys, tmp_path, trained):
+    run_cli(capsys, "prune", trained, "--target", "filters=0.5", "--out", tmp_path)
+    code, out, _ = run_cli(capsys, "inspect", tmp_path, "--repeats", "3")
+    assert code == 0
+    for text in ("features.1.0", "64x32x3x3 -> 32x16x3x3", "MACs", "latency b32 fp32"):
+        assert text in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "0.5"], "target needs a unit"),
+    (["--target", "macs=50"], "write macs=0.5 for 50%"),
+    (["--target", "flops=0.5"], "unknown unit 'flops'"),
+    (["--target", "macs=0.5", "--granularity", "weight"], "needs --granularity filter"),
+    (["--target", "filters=0.5", "--criterion", "taylor"], "--criterion: taylor needs data"),
+    (["--target", "filters=0.5", "--granularity", "blocks"], "unknown granularity 'blocks'"),
+])
+def test_bad_prune_arguments_are_one_line_errors(capsys, tmp_path, trained, args, message):
+    code, _, err = run_cli(capsys, "prune", trained, *args, "--out", tmp_path / "o")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
