@@ -64,6 +64,8 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, gr
         macs_of = compacted_macs(model, example_input) if parsed.unit == "macs" else None
         sparsifier = Sparsifier(model, granularity, criterion, scope, layers, round_to=round_to,
                                 macs_of=macs_of, normalize=scope == "global", seed=seed)
+        if parsed.unit == "macs" and scope == "local":
+            parsed = uniform_fraction_for_macs(sparsifier, parsed.fraction, macs_of)
     else:
         sparsifier = Sparsifier(model, granularity, criterion, scope, types=(nn.Conv2d,), seed=seed)
     sparsifier.update(parsed)
@@ -75,6 +77,27 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, gr
         return OneShotResult(sparsifier, compact(model, keep, example_input))
     zero_channel_groups(model, example_input, keep)
     return OneShotResult(sparsifier, None)
+
+
+def uniform_fraction_for_macs(sparsifier: Sparsifier, fraction: float, macs_of, steps: int = 20) -> float:
+    """The smallest per-layer filter fraction whose masks remove at least ``fraction`` of the MACs.
+
+    Local scope with a MACs target: every layer loses the same share of its filters (rounded by
+    the sparsifier's ``round_to``), found by bisection on that share; masks are only planned,
+    never applied, during the search.
+    """
+    def macs(share: float) -> int:
+        return macs_of(sparsifier.plan(share))
+
+    budget = (1 - fraction) * macs(0.0)
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (low, mid) if macs(mid) <= budget else (mid, high)
+    if macs(high) > budget:
+        raise UserError(f"target: macs={fraction:g} is out of reach with the same share of filters per layer")
+    log.info("macs target %g met by removing %.4f of the filters of every layer", fraction, high)
+    return high
 
 
 def zero_channel_groups(model: nn.Module, example_input: torch.Tensor, keep: dict[str, torch.Tensor]) -> None:

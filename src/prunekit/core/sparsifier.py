@@ -131,6 +131,25 @@ class Sparsifier:
         """One boolean per unit, True where kept (e.g. the kept filters, for compaction)."""
         return {name: self.granularity.reduce(mask) > 0 for name, mask in self.masks().items()}
 
+    def plan(self, target: Target | str | float | None = None, *,
+             evidence: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The unit masks (True = kept) that :meth:`update` would compute for ``target``; nothing changes.
+
+        Lets a caller search over targets (e.g. a uniform ratio that meets a MACs budget) without
+        touching the weights.
+        """
+        kind, fraction = self._goal(target)
+        scores = self._scores(evidence)
+        if kind == "nm":
+            return {name: nm_mask(s, self.granularity.n) for name, s in scores.items()}
+        if kind == "macs":
+            return bisect_macs(self._ranked(scores), fraction, self.macs_of)
+        units = local_masks({n: scores[n] for n in self.overrides}, self.overrides, self.round_to)
+        free = {name: s for name, s in scores.items() if name not in self.overrides}
+        if self.scope == "local":
+            return units | local_masks(free, dict.fromkeys(free, fraction), self.round_to)
+        return units | global_masks(self._ranked(free), fraction, self.round_to)
+
     def update(self, target: Target | str | float | None = None, *,
                evidence: Mapping[str, torch.Tensor] | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -141,19 +160,7 @@ class Sparsifier:
         or channel granularity, ``macs=…`` filter granularity and ``macs_of``. N:M needs none (or
         its own sparsity 1 − N/M). ``evidence``: per-layer data for taylor/movement/bn_scale.
         """
-        kind, fraction = self._goal(target)
-        scores = self._scores(evidence)
-        if kind == "nm":
-            units = {name: nm_mask(s, self.granularity.n) for name, s in scores.items()}
-        elif kind == "macs":
-            units = bisect_macs(self._ranked(scores), fraction, self.macs_of)
-        else:
-            units = local_masks({n: scores[n] for n in self.overrides}, self.overrides, self.round_to)
-            free = {name: s for name, s in scores.items() if name not in self.overrides}
-            if self.scope == "local":
-                units |= local_masks(free, dict.fromkeys(free, fraction), self.round_to)
-            else:
-                units |= global_masks(self._ranked(free), fraction, self.round_to)
+        units = self.plan(target, evidence=evidence)
         new = {}
         for name, mask in self.masks().items():
             kept = self.granularity.expand(units[name], mask.shape)
@@ -165,7 +172,7 @@ class Sparsifier:
             mask.copy_(new[name])
         self.enforce(optimizer)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("masks updated to %s=%g: realised %.4f", kind, fraction, self.realised_sparsity().total)
+            log.debug("masks updated to %s: realised %.4f", target, self.realised_sparsity().total)
 
     def _goal(self, target: Target | str | float | None) -> tuple[str, float]:
         if isinstance(self.granularity, NM):
