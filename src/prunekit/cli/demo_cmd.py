@@ -8,13 +8,10 @@ from dataclasses import dataclass
 import torch
 from rich import box
 from rich.table import Table
-from torch import nn
 
 from prunekit.cli.common import add_device_argument, console
 from prunekit.cli.parsing import fraction, positive_int
-from prunekit.core.compaction import remove_output_channels
-from prunekit.core.importance import l1_filter_scores
-from prunekit.core.selection import keep_count, top_k_indices
+from prunekit.core.oneshot import prune_once
 from prunekit.data import build_data
 from prunekit.measure import count_macs, count_params
 from prunekit.measure.accuracy import evaluate
@@ -55,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [_measure("dense", trainer, data)]
 
     out.print(f"2/3 removing {args.remove:.0%} of the filters of every conv (L1 norm) and compacting")
-    _prune_filters(trainer.model, args.remove, data.input_shape)
+    example = torch.zeros(1, *data.input_shape, device=trainer.device)
+    prune_once(trainer.model, example, target=f"filters={args.remove}", granularity="filter", scope="local")
     rows.append(_measure("pruned, no fine-tune", trainer, data))
 
     out.print(f"3/3 fine-tuning the compacted model ({args.finetune_epochs} epochs)")
@@ -66,14 +64,6 @@ def run(args: argparse.Namespace) -> int:
     rows.append(_measure("pruned + fine-tuned", tuner, data))
     out.print(_table(rows))
     return 0
-
-
-def _prune_filters(model: nn.Module, remove: float, input_shape: tuple[int, ...]) -> None:
-    """Uniform L1 filter pruning of every conv; Torch-Pruning fixes up BNs and consumers."""
-    keep = {name: top_k_indices(l1_filter_scores(m.weight), max(1, keep_count(m.out_channels, remove)))
-            for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    example = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-    remove_output_channels(model, keep, example)
 
 
 def _measure(label: str, trainer: Trainer, data) -> Row:

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.table import Table
 
 from prunekit.cli.common import console
+from prunekit.cli.parsing import int_at_least, number, positive_int
 from prunekit.core.schedules import SCHEDULES, Schedule, build_schedule
 from prunekit.errors import UserError
 from prunekit.io import atomic_path
@@ -22,47 +23,20 @@ SHAPE_FLAGS = {"alpha": "--alpha", "beta": "--beta", "n": "--steps"}
 PLOT_FORMATS = ("png", "pdf", "svg")
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _points(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
-    return value
-
-
-def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "schedule", help="print or plot a sparsity schedule over the training budget",
         description="Sparsity as a function of training progress p (fraction of the budget's iterations "
                     "done), with a pruning window [start, end].")
     parser.add_argument("name", help=f"schedule: {', '.join(SCHEDULES.names())}")
-    parser.add_argument("--final", type=_number, required=True, help="final sparsity, a fraction (0.9 = 90%%)")
-    parser.add_argument("--initial", type=_number, default=0.0, help="sparsity before the window (default 0)")
-    parser.add_argument("--start", type=_number, default=0.0, help="window start, fraction of the budget (default 0)")
-    parser.add_argument("--end", type=_number, default=1.0, help="window end, fraction of the budget (default 1)")
-    parser.add_argument("--points", type=_points, default=11, help="evenly spaced values of p to list (default 11)")
-    parser.add_argument("--alpha", type=_number, default=None, help="one_cycle slope (default 14)")
-    parser.add_argument("--beta", type=_number, default=None, help="one_cycle offset (default 5)")
-    parser.add_argument("--steps", type=_steps, default=None, help="iterative: number of pruning steps (default 3)")
+    parser.add_argument("--final", type=number, required=True, help="final sparsity, a fraction (0.9 = 90%%)")
+    parser.add_argument("--initial", type=number, default=0.0, help="sparsity before the window (default 0)")
+    parser.add_argument("--start", type=number, default=0.0, help="window start, fraction of the budget (default 0)")
+    parser.add_argument("--end", type=number, default=1.0, help="window end, fraction of the budget (default 1)")
+    parser.add_argument("--points", type=int_at_least(2), default=11, help="evenly spaced values of p to list (default 11)")
+    parser.add_argument("--alpha", type=number, default=None, help="one_cycle slope (default 14)")
+    parser.add_argument("--beta", type=number, default=None, help="one_cycle offset (default 5)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="iterative: number of pruning steps (default 3)")
     parser.add_argument("--json", action="store_true", help='print a JSON list of {"p": ..., "sparsity": ...}')
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
                         help=f"also draw the curve to FILE ({', '.join('.' + f for f in PLOT_FORMATS)})")
