@@ -86,3 +86,10 @@ def test_bad_prune_arguments_are_one_line_errors(capsys, tmp_path, trained, args
     code, _, err = run_cli(capsys, "prune", trained, *args, "--out", tmp_path / "o")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_writes_a_checked_onnx_file(capsys, tmp_path, trained):
+    run_cli(capsys, "prune", trained, "--target", "filters=0.5", "--out", tmp_path / "p")
+    code, out, err = run_cli(capsys, "export", tmp_path / "p", "--onnx", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert (tmp_path / "m.onnx").stat().st_size > 1000 and "checked against PyTorch" in out
