@@ -1,0 +1,165 @@
+"""One-Cycle Pruning vs gradual-pruning baselines under one fixed budget (METHODS §3.6).
+
+    python benchmarks/ocp_experiment.py --data-dir ../shared/data [--epochs 15] [--sparsity 0.9]
+                                        [--seeds 0] [--arms dense one_shot iterative agp one_cycle]
+                                        [--parallel 2]
+
+CIFAR-10 ResNet-20 trained from scratch for ``--epochs`` with the Trainer's defaults (the same
+optimizer, LR plan, augmentation and precision for every arm), unstructured layer-wise L1
+magnitude pruning of every conv (first conv included, classifier dense, METHODS §3.3), masks
+updated before each step when the schedule's target changes and enforced after each step.
+Arms: one-shot at 40 % of the budget, iterative (3 steps) from 20 %, AGP from 20 % to the end,
+One-Cycle (alpha 14, beta 5) over the whole run, and the dense reference. Each arm is its own
+resumable run under runs/ocp/ (a killed experiment continues where it stopped). Writes
+benchmarks/results/ocp/summary.json, table.md and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from machine import machine_info
+from prunekit.core.schedules import build_schedule
+from prunekit.core.sparsifier import Sparsifier
+from prunekit.data import build_data
+from prunekit.io import atomic_path, write_json
+from prunekit.methods.gradual import GradualPruning
+from prunekit.models import build_model
+from prunekit.train import TrainConfig, Trainer
+
+ARMS = {  # schedule name, window start (fraction of the budget), shape arguments
+    "one_shot": ("one_shot", 0.4, {}),
+    "iterative": ("iterative", 0.2, {"n": 3}),
+    "agp": ("agp", 0.2, {}),
+    "one_cycle": ("one_cycle", 0.0, {"alpha": 14.0, "beta": 5.0}),
+}
+RESULTS = Path("benchmarks/results/ocp")
+
+
+def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
+    data = build_data("cifar10", data_dir=args.data_dir, batch_size=128, seed=seed, subset=args.subset)
+    torch.manual_seed(seed)
+    model = build_model("resnet20", num_classes=data.num_classes)
+    hooks = []
+    if arm != "dense":
+        name, start, shape = ARMS[arm]
+        sparsifier = Sparsifier(model, "weight", "l1", "local", types=(nn.Conv2d,), include_first_conv=True)
+        hooks.append(GradualPruning(sparsifier, build_schedule(name, args.sparsity, start=start, **shape)))
+    run_dir = Path("runs/ocp") / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}"
+    trainer = Trainer(model, data.train, data.test, TrainConfig(epochs=args.epochs, seed=seed), hooks=hooks,
+                      run_dir=run_dir)
+    result = trainer.fit(resume=True)
+    conv = [m.weight for m in trainer.model.modules() if isinstance(m, nn.Conv2d)]
+    realised = sum(int((w == 0).sum()) for w in conv) / sum(w.numel() for w in conv)
+    return {"arm": arm, "seed": seed, "final_test_acc": result.final_test_acc,
+            "best_test_acc_optimistic": result.best_test_acc, "wall_time_s": result.wall_time_s,
+            "conv_sparsity": realised, "curve": [m.test_acc for m in result.history],
+            "sparsity_curve": [m.extra.get("sparsity_target", 0.0) for m in result.history]}
+
+
+def launch_all(args: argparse.Namespace) -> list[dict]:
+    """Run every (arm, seed) as its own process, ``--parallel`` at a time, one torch thread each."""
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            arm, seed = pending.pop(0)
+            command = [sys.executable, __file__, "--one", arm, "--seed-one", str(seed), *forwarded(args)]
+            running.append(subprocess.Popen(command, env=env))
+        running[0].wait()
+        if running[0].returncode != 0:
+            raise SystemExit(f"arm failed: {' '.join(running[0].args)}")
+        running.pop(0)
+    return [json.loads(arm_file(arm, seed, args).read_text()) for arm, seed in jobs]
+
+
+def forwarded(args: argparse.Namespace) -> list[str]:
+    out = ["--epochs", str(args.epochs), "--sparsity", str(args.sparsity)]
+    out += ["--subset", str(args.subset)] if args.subset else []
+    return out + (["--data-dir", args.data_dir] if args.data_dir else [])
+
+
+def arm_file(arm: str, seed: int, args: argparse.Namespace) -> Path:
+    return RESULTS / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}.json"
+
+
+def summarise(rows: list[dict], args: argparse.Namespace) -> None:
+    by_arm: dict[str, list[dict]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], []).append(row)
+    lines = ["| arm | final test acc (mean ± std) | seeds | conv sparsity | wall time per run |",
+             "|---|---|---|---|---|"]
+    summary = {}
+    for arm, group in by_arm.items():
+        accs = [r["final_test_acc"] for r in group]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        summary[arm] = {"mean": statistics.mean(accs), "std": std, "seeds": len(accs),
+                        "conv_sparsity": statistics.mean(r["conv_sparsity"] for r in group),
+                        "wall_time_s": statistics.mean(r["wall_time_s"] for r in group)}
+        s = summary[arm]
+        lines.append(f"| {arm} | {100 * s['mean']:.2f} ± {100 * std:.2f} % | {len(accs)} | "
+                     f"{100 * s['conv_sparsity']:.2f} % | {s['wall_time_s'] / 60:.0f} min |")
+    write_json(RESULTS / f"summary-s{args.sparsity:g}-e{args.epochs}.json",
+               {"epochs": args.epochs, "sparsity": args.sparsity, "arms": summary, "runs": rows,
+                "machine": machine_info()})
+    with atomic_path(RESULTS / f"table-s{args.sparsity:g}-e{args.epochs}.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    plot(rows, args)
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], args: argparse.Namespace) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    sparsity_axes, accuracy_axes = figure.subplots(1, 2)
+    steps = 1000
+    for arm, (name, start, shape) in ARMS.items():
+        schedule = build_schedule(name, args.sparsity, start=start, **shape)
+        p = [i / steps for i in range(steps + 1)]
+        sparsity_axes.plot([x * args.epochs for x in p], [100 * schedule(x) for x in p], label=arm)
+    sparsity_axes.set(xlabel="epoch", ylabel="target conv sparsity (%)",
+                      title=f"sparsity schedules ({args.sparsity:.0%} final, {args.epochs} epochs)")
+    for row in rows:
+        if row["seed"] == rows[0]["seed"]:
+            accuracy_axes.plot(range(1, len(row["curve"]) + 1), [100 * a for a in row["curve"]], marker=".",
+                               label=row["arm"])
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)",
+                      title=f"ResNet-20 CIFAR-10 test accuracy (seed {rows[0]['seed']})")
+    for axes in (sparsity_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    with atomic_path(RESULTS / f"curves-s{args.sparsity:g}-e{args.epochs}.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", default=["dense", *ARMS], choices=["dense", *ARMS])
+    parser.add_argument("--subset", type=int, default=None, help="first N training images (smoke tests)")
+    parser.add_argument("--parallel", type=int, default=2, help="arms trained at once (one process each)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed-one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one is not None:
+        write_json(arm_file(args.one, args.seed_one, args), run_arm(args.one, args.seed_one, args))
+        return
+    summarise(launch_all(args), args)
+
+
+if __name__ == "__main__":
+    main()
