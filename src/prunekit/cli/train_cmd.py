@@ -16,7 +16,7 @@ from prunekit.errors import UserError
 from prunekit.io import write_json
 from prunekit.models import build_model
 from prunekit.train import TrainConfig, Trainer
-from prunekit.train.lr_plans import LR_PLANS
+from prunekit.train.lr_plans import LR_PLANS, RETRAINING_PLANS
 from prunekit.train.trainer import CHECKPOINT_NAME
 
 
@@ -29,7 +29,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     group.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="peak learning rate")
-    group.add_argument("--schedule", choices=LR_PLANS.names(), default=defaults.schedule)
+    group.add_argument("--schedule", choices=[n for n in LR_PLANS.names() if n not in RETRAINING_PLANS],
+                       default=defaults.schedule, help="LR plan of the run (retraining plans: prunekit lr-plan)")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     group.add_argument("--momentum", type=float, default=defaults.momentum)
     group.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)

@@ -185,7 +185,7 @@ class OriginalSchedule:
         per_epoch = plan.total_steps // epochs
 
         def step_at(epoch: float) -> int:
-            # The small epsilon keeps e.g. 88.0 * N from landing one step early through rounding.
+            # The epsilon keeps a replayed position such as (88 + s/N)·N from landing one step early.
             return min(max(0, math.floor(epoch * per_epoch + 1e-9)), plan.total_steps - 1)
 
         return cls(epochs, lambda e: plan.lr(step_at(e)), lambda e: plan.momentum(step_at(e)),
@@ -365,34 +365,40 @@ class ScaledRestart(RetrainingPlan):
         return self.epoch_lr(self.epoch(step))
 
     def describe(self) -> str:
-        return (f"scaled_restart: warm-up {self.warmup_epochs} epochs {self.init_lr:g}→{self.peak:g}, then "
-                f"÷{1 / self.gamma:g} at {', '.join(str(m) for m in self.milestones)} epochs after it")
+        warmup = (f"warm-up {self.warmup_epochs} epoch{'s' if self.warmup_epochs > 1 else ''} "
+                  f"{self.init_lr:g}→{self.peak:g}, then " if self.warmup_epochs else "no warm-up, ")
+        return (f"scaled_restart: {warmup}{self.peak:g} ÷{1 / self.gamma:g} at "
+                f"{' and '.join(str(m) for m in self.milestones)} epochs after it")
 
 
 @LR_PLANS.register("one_cycle")
-class OneCycleRestart(OneCycleLR):
+class OneCycleRestart(RetrainingPlan):
     """CLR: :class:`OneCycleLR` with NPTM's defaults (METHODS §2.4.5), per iteration over t·N steps:
     peak 0.1 at 10 % of the steps, start 0.1/100 = 0.001, end 0.001/100 = 1e-5, momentum
-    0.95 → 0.85 → 0.95 (cycling on)."""
+    0.95 → 0.85 → 0.95 (cycling on; ``cycle_momentum=False`` is the paper's ablation)."""
 
     per_iteration = True
 
     def __init__(self, total_steps: int, epochs: int, steps_per_epoch: int, lr: float = 0.1,
                  pct_start: float = 0.1, div_factor: float = 100.0, final_div_factor: float = 100.0,
                  base_momentum: float = 0.85, max_momentum: float = 0.95, cycle_momentum: bool = True) -> None:
-        _check_budget(epochs, steps_per_epoch, total_steps)
-        super().__init__(total_steps, lr, pct_start=pct_start, div_factor=div_factor,
-                         final_div_factor=final_div_factor, base_momentum=base_momentum,
-                         max_momentum=max_momentum, cycle_momentum=cycle_momentum)
-        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        super().__init__(total_steps, epochs, steps_per_epoch)
+        self.cycle = OneCycleLR(total_steps, lr, pct_start=pct_start, div_factor=div_factor,
+                                final_div_factor=final_div_factor, base_momentum=base_momentum,
+                                max_momentum=max_momentum, cycle_momentum=cycle_momentum)
 
-    epoch = RetrainingPlan.epoch
+    def lr(self, step: int) -> float:
+        return self.cycle.lr(step)
+
+    def momentum(self, step: int) -> float | None:
+        return self.cycle.momentum(step)
 
     def describe(self) -> str:
-        cycling = (f", momentum {self.max_momentum:g}→{self.base_momentum:g}→{self.max_momentum:g}"
-                   if self.cycle_momentum else ", momentum fixed")
-        return (f"one_cycle: {self.start:g}→{self.peak:g} (step {self.phase1_end:g} of {self.total_steps})"
-                f"→{self.end:g}, per iteration{cycling}")
+        c = self.cycle
+        cycling = (f", momentum {c.max_momentum:g}→{c.base_momentum:g}→{c.max_momentum:g}"
+                   if c.cycle_momentum else ", momentum fixed")
+        return (f"one_cycle: {c.start:g}→{c.peak:g} (step {c.phase1_end:g} of {self.total_steps})→{c.end:g}, "
+                f"per iteration{cycling}")
 
 
 def epoch_table(plan: LRPlan, steps_per_epoch: int) -> list[dict[str, float | int]]:
