@@ -221,8 +221,9 @@ def _shade(ax, spans: Sequence[tuple[str, float, float]], label_top: bool = True
     for stage, start, end in spans:
         ax.axvspan(start, end, color=STAGE_COLORS.get(stage, "grey"), alpha=0.08, lw=0)
         if label_top:
-            ax.text((start + end) / 2, 1.01, STAGE_LABELS.get(stage, stage), transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8, color=STAGE_COLORS.get(stage, "grey"))
+            ax.text((start + end) / 2, 0.985, STAGE_LABELS.get(stage, stage), transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=8, color=STAGE_COLORS.get(stage, "grey"),
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
 
 
 def plot_training(subject: Subject, path: Path) -> bool:
@@ -295,11 +296,14 @@ def timeline(recipe: Recipe, steps_per_epoch: dict[str, int]) -> dict[str, list]
     """
     from prunekit.train.lr_plans import build_lr_plan
 
-    xs, lrs, moms, sparsity, spans = [], [], [], [], []
-    offset = 0.0
-    level = 0.0
     prune = recipe.prune
     final = prune.parsed_target.fraction if prune is not None else 0.0
+    schedule = prune.sparsity_schedule() if prune is not None else None
+    level = schedule(0.0) if schedule is not None and recipe.phases()[0][0] == "prune" else 0.0
+    if recipe.phases()[0][0] == "retrain":
+        level = final
+    xs, lrs, moms, sparsity, spans = [0.0], [math.nan], [None], [level], []
+    offset = 0.0
     for stage, spec in recipe.phases():
         spe = steps_per_epoch[stage]
         plan = build_lr_plan(spec.lr_plan, lr=spec.lr, epochs=spec.epochs, steps_per_epoch=spe, **spec.lr_plan_args)
@@ -353,7 +357,8 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
     prune = recipe.prune
     if prune is not None:
         unit = prune.parsed_target.unit
-        ax_sp.plot(line["x"], line["sparsity"], color="C3", lw=2, label=f"target: fraction of {unit} removed")
+        ax_sp.plot(line["x"], line["sparsity"], color="C3", lw=2, drawstyle="steps-pre",
+                   label=f"target: fraction of {unit} removed")
         realised = _realised(subject)
         if realised:
             ax_sp.plot([p[0] for p in realised], [p[1] for p in realised], "o", color="black", ms=4,
@@ -414,9 +419,10 @@ def plot_layers(subject: Subject, path: Path) -> bool:
                    label=f"all conv layers: {100 * (1 - evaluation['sparsity']):.1f}% kept")
     from matplotlib.patches import Patch
 
-    handles = [Patch(color="C0", label="Conv2d"), Patch(color="C2", label="Linear")]
+    handles = [Patch(color="C0", label="Conv2d"), Patch(color="C2", label="Linear"),
+               Patch(color="#e8e8e8", label="removed or zero")]
     existing = ax.get_legend_handles_labels()[0]
-    ax.legend(handles=existing + handles, loc="lower right", fontsize=8)
+    fig.legend(handles=existing + handles, loc="outside lower center", ncols=4, fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     recipe = subject.recipe
     what = f"{recipe.prune.target} ({recipe.prune.method}, {recipe.prune.granularity})" if recipe.prune else "dense"
