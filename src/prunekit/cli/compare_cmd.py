@@ -9,7 +9,7 @@ from rich.table import Table
 
 from prunekit.cli.common import console
 from prunekit.errors import UserError
-from prunekit.experiment.compare import HEADERS, cells, compare, find_store, select, selected_rows, write_tables
+from prunekit.experiment.compare import Comparison, Stat, compare, find_store, select, selected_rows, write_tables
 from prunekit.experiment.store import parse_filters
 
 
@@ -47,13 +47,54 @@ def run(args: argparse.Namespace) -> int:
     csv_path = args.csv or store.path.parent / "compare.csv"
     write_tables(comparison, markdown, csv_path)
     out = console()
-    table = Table(title=f"{len(rows)} runs, {len(comparison.rows)} recipes (mean ± std over runs of one recipe)")
-    for header in HEADERS:
-        table.add_column(header, justify="left" if header in HEADERS[:5] else "right")
-    for row in comparison.rows:
-        table.add_row(*cells(row))
-    out.print(table)
+    out.print(_table(comparison, len(rows)))
     if comparison.skipped:
         out.print("not compared (not done): " + ", ".join(f"{k} ({v})" for k, v in comparison.skipped.items()))
     out.print(f"written: {markdown}, {csv_path}")
     return 0
+
+
+def _table(comparison: Comparison, runs: int) -> Table:
+    """The console view (params and the rest are in the Markdown/CSV files); identity columns shared by
+    every row go into the title."""
+    contexts = sorted({f"{r.model} / {r.data}" for r in comparison.rows})
+    title = f"{runs} runs, {len(comparison.rows)} recipes (mean ± std over runs of one recipe)"
+    if len(contexts) == 1:
+        title += f": {contexts[0]}"
+    table = Table(title=title)
+    table.add_column("recipe" if len(contexts) == 1 else "recipe, model/data", overflow="fold", min_width=16)
+    for column in ("method", "target", "runs", "final acc %", "best %", "sparsity %", "MACs"):
+        table.add_column(column, justify="left" if column in ("method", "target") else "right",
+                         no_wrap=column not in ("method", "target"), overflow="fold")
+    for row in comparison.rows:
+        cells = [f"{row.name} ({row.recipe_hash[:8]})" + (f"\n{row.model}/{row.data}" if len(contexts) > 1 else "")]
+        s = row.stats
+        cells += [f"{row.method}" + (f"/{row.granularity}" if row.granularity else ""), row.target or "-",
+                  str(len(row.runs)), _pm(s["final_test_acc"]), _mean(s["best_test_acc"]), _mean(s["sparsity"]),
+                  _ratio(s["macs"], row.dense_macs)]
+        table.add_row(*cells)
+    return table
+
+
+def _pm(stat: Stat) -> str:
+    if stat.mean is None:
+        return "-"
+    return f"{100 * stat.mean:.2f}" + (f" ± {100 * stat.std:.2f}" if stat.std is not None else "")
+
+
+def _mean(stat: Stat) -> str:
+    return "-" if stat.mean is None else f"{100 * stat.mean:.2f}"
+
+
+def _ratio(stat: Stat, dense: float | None) -> str:
+    if stat.mean is None:
+        return "-"
+    return f"{si(stat.mean)} ({stat.mean / dense:.2f}x)" if dense else si(stat.mean)
+
+
+def si(count: float) -> str:
+    """3,400,000 -> 3.40M; 56,554 -> 56.6K."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:.0f}"

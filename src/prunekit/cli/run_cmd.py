@@ -91,7 +91,9 @@ def _brief(stage: str, info: dict[str, Any]) -> str:
     if info.get("final_test_acc") is not None:
         parts.append(f"test acc {info['final_test_acc']:.4f}")
     if stage == "prune" and info.get("realised_sparsity") is not None:
-        parts.append(f"{info['target']} -> {info['realised_sparsity']:.4f} of {info['realised_covers']}")
+        parts.append(f"{info['target']} -> {info['realised_sparsity']:.4f} of the {info['realised_covers']}")
+        if info.get("test_acc_after_prune") is not None:
+            parts.append(f"test acc right after pruning {info['test_acc_after_prune']:.4f}")
     if stage == "evaluate":
         parts.append(f"test acc {info['test_acc']:.4f}, {info['macs']:,} MACs, {info['params']:,} params, "
                      f"sparsity {info['sparsity']:.4f}")

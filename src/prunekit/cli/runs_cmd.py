@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from prunekit.cli.common import console
+from prunekit.cli.compare_cmd import si
 from prunekit.errors import UserError
 from prunekit.experiment.compare import DEFAULT_STORE
 from prunekit.experiment.store import COLUMNS, ResultsStore, dumps, parse_filters, process_alive
@@ -35,17 +36,27 @@ def run(args: argparse.Namespace) -> int:
         print(dumps(rows))
         return 0
     out = console()
-    table = Table(title=f"{len(rows)} run{'s' * (len(rows) != 1)} in {args.store}")
-    for column in ("run", "status", "method", "model", "data", "target", "sparsity", "MACs", "final acc",
-                   "best acc", "wall", "finished"):
-        table.add_column(column, justify="right" if column in ("sparsity", "MACs", "final acc", "best acc", "wall")
-                         else "left")
+    contexts = sorted({f"{r['model']} / {r['data']}" for r in rows})
+    title = f"{len(rows)} run{'s' * (len(rows) != 1)} in {args.store}"
+    if len(contexts) == 1:
+        title += f" ({contexts[0]})"
+    table = Table(title=title)
+    table.add_column("run", overflow="fold", min_width=16)
+    table.add_column("status", no_wrap=True)
+    if len(contexts) > 1:
+        table.add_column("model/data", overflow="fold")
+    for column in ("method", "target", "sparsity", "MACs", "final acc", "wall"):
+        table.add_column(column, justify="left" if column in ("method", "target") else "right",
+                         no_wrap=column not in ("method", "target"), overflow="fold")
     for row in rows:
-        table.add_row(row["run_id"], _status(row), row["method"] or "-", row["model"], row["data"],
-                      row["target"] or "-", _pct(row["sparsity"]),
-                      f"{row['macs']:,}" if row["macs"] is not None else "-", _pct(row["final_test_acc"]),
-                      _pct(row["best_test_acc"]), f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] else "-",
-                      (row["finished_at"] or "")[:19])
+        cells = [row["run_id"], _status(row)]
+        if len(contexts) > 1:
+            cells.append(f"{row['model']}/{row['data']}")
+        cells += [f"{row['method'] or '-'}" + (f"/{row['granularity']}" if row["granularity"] else ""),
+                  row["target"] or "-", _pct(row["sparsity"]),
+                  si(row["macs"]) if row["macs"] is not None else "-", _pct(row["final_test_acc"]),
+                  f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] else "-"]
+        table.add_row(*cells)
     out.print(table)
     for row in rows:
         if row["status"] == "failed":

@@ -184,9 +184,11 @@ class OneShotPrune(PruneSpec):
         ctx.save_model(model, spec, out, masks=masks, manifest=manifest, granularity=self.granularity)
         after = ctx.measure(model)
         return {"target": self.target, "granularity": self.granularity, "realised_sparsity": realised,
-                "realised_covers": "the pruned layers' units" if self.structured else "the pruned layers' weights",
+                "realised_covers": "filters of the pruned groups" if manifest is not None else
+                                   "weights of the pruned layers",
                 "compacted": manifest is not None, "macs_before": before["macs"], "macs_after": after["macs"],
-                "params_before": before["params"], "params_after": after["params"]}
+                "params_before": before["params"], "params_after": after["params"],
+                "test_acc_after_prune": ctx.test_accuracy(model)}
 
 
 class ScheduleSpec(Section):
@@ -267,5 +269,5 @@ class GradualPrune(PruneSpec):
         realised = sparsifier.realised_sparsity().total
         ctx.save_model(trainer.model, spec, out, masks=sparsifier.masks(), granularity=self.granularity)
         return {"target": self.target, "granularity": self.granularity, "realised_sparsity": realised,
-                "realised_covers": "the pruned layers' units" if self.structured else "the pruned layers' weights",
-                "schedule": self.sparsity_schedule().describe(), **ctx.training_summary(trainer, result)}
+                "realised_covers": "weights of the pruned layers", "schedule": self.sparsity_schedule().describe(),
+                **ctx.training_summary(trainer, result)}

@@ -243,7 +243,7 @@ class Recipe(Section):
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.resolved(), sort_keys=False, default_flow_style=None, width=100)
+        return yaml.safe_dump(self.resolved(), sort_keys=False, default_flow_style=False, width=100)
 
     def digest(self) -> str:
         """SHA-256 of what determines the results: the resolved recipe without ``name``, ``seeds``,

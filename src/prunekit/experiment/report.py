@@ -239,26 +239,35 @@ def plot_training(subject: Subject, path: Path) -> bool:
     for ax in (ax_loss, ax_acc):
         _shade(ax, spans)
     alpha = 1.0 if len(runs) == 1 else 0.55
-    for i, (run_dir, metrics) in enumerate(runs):
-        tag = "" if len(runs) == 1 else f" (s{json.loads((run_dir / 'run.json').read_text())['seed']})"
-        first = i == 0
-        steps = [m["step"] for m in metrics]
-        for ax, key, color, name in ((ax_loss, "train_loss", "C0", "train"), (ax_loss, "test_loss", "C1", "test"),
-                                     (ax_acc, "train_acc", "C0", "train"), (ax_acc, "test_acc", "C1", "test")):
-            points = [(s, m[key]) for s, m in zip(steps, metrics) if m.get(key) is not None]
-            if not points:
-                continue
-            scale = 100 if key.endswith("acc") else 1
-            ax.plot([p[0] for p in points], [scale * p[1] for p in points], marker="o", ms=3.5, lw=1.6,
-                    color=color, alpha=alpha, label=(name if len(runs) == 1 else f"{name}, all seeds") if first else None)
-        del tag
+    curves = (("train_loss", "C0", "train"), ("test_loss", "C1", "test"), ("train_acc", "C0", "train"),
+              ("test_acc", "C1", "test"))
+    labelled: set[tuple[str, str]] = set()
+    for run_dir, metrics in runs:
+        for stage in dict.fromkeys(m["stage"] for m in metrics):  # one line per stage: no line across a prune
+            rows = [m for m in metrics if m["stage"] == stage]
+            for key, color, name in curves:
+                points = [(m["step"], m[key]) for m in rows if m.get(key) is not None]
+                if not points:
+                    continue
+                ax = ax_acc if key.endswith("acc") else ax_loss
+                scale = 100 if key.endswith("acc") else 1
+                text = name if len(runs) == 1 else f"{name} (each seed)"
+                ax.plot([p[0] for p in points], [scale * p[1] for p in points], marker="o", ms=3.5, lw=1.6,
+                        color=color, alpha=alpha, label=text if (key, text) not in labelled else None)
+                labelled.add((key, text))
     pruned_at = _oneshot_epoch(subject)
+    after = [m.get("test_acc_after_prune") for m in (_read_json(d / STAGE_DIRS["prune"] / MARKER) or {}
+                                                       for d, _ in runs)]
+    after = [100 * a for a in after if a is not None]
     for ax in (ax_loss, ax_acc):
         if pruned_at is not None:
             ax.axvline(pruned_at, color="C3", lw=1.5, ls="--", label=f"pruned to {subject.recipe.prune.target}")
         ax.set_xlabel("epoch (all training stages in order)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
+    if pruned_at is not None and after:
+        ax_acc.plot([pruned_at] * len(after), after, "X", color="C3", ms=9, label="test, right after pruning")
+    for ax in (ax_loss, ax_acc):
         ax.legend(fontsize=8, loc="best")
     ax_loss.set_ylabel("cross-entropy loss")
     ax_acc.set_ylabel("accuracy (%)")
@@ -349,7 +358,7 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
         ax_mom.tick_params(axis="y", colors="C7")
         extra = ax_mom.get_legend_handles_labels()
         handles = (handles[0] + extra[0], handles[1] + extra[1])
-    ax_lr.legend(*handles, loc="upper right", fontsize=8)
+    legend = list(zip(*handles))
     plans = ", ".join(f"{STAGE_LABELS[stage]}: {spec.lr_plan} (peak {spec.lr:g}, {spec.epochs} ep)"
                       for stage, spec in phases)
     ax_lr.set_title(f"LR plans - {plans}", fontsize=9)
@@ -366,7 +375,7 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
         schedule = prune.sparsity_schedule()
         what = schedule.describe() if schedule is not None else f"one-shot to {prune.target} after dense training"
         ax_sp.set_title(f"sparsity - {prune.method}: {what}", fontsize=9)
-        ax_sp.legend(loc="lower right", fontsize=8)
+        legend += list(zip(*ax_sp.get_legend_handles_labels()))
     else:
         ax_sp.plot(line["x"], line["sparsity"], color="C3", lw=2)
         ax_sp.set_title("sparsity - no pruning (dense baseline)", fontsize=9)
@@ -377,6 +386,8 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
     ax_sp.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_sp.set_xlim(0, line["spans"][-1][2])
     ax_sp.grid(True, alpha=0.3)
+    fig.legend([h for h, _ in legend], [text for _, text in legend], loc="outside lower center",
+               ncols=len(legend), fontsize=8)
     fig.suptitle(f"LR plan and sparsity schedule: {subject.label}", fontsize=10)
     return _save(fig, path)
 

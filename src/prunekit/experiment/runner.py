@@ -15,11 +15,12 @@ kill: finished stages are skipped and a training stage resumes from its last che
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
-import socket
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ def _relative(path: Path, start: Path) -> str:
 
 def _write_recipe(path: Path, recipe: Recipe, note: str) -> None:
     with atomic_open(path) as handle:
-        handle.write(f"# {note}\n# Fully resolved (defaults filled in); reproduce with: prunekit run {path.name}\n")
+        handle.write(f"# {note}\n# Fully resolved (defaults filled in). `prunekit run <this file>` runs it again as a new\n"
+                     "# group; `prunekit run --resume <its directory>` continues this one.\n")
         handle.write(recipe.to_yaml())
 
 
@@ -123,6 +125,27 @@ def run_one(run_dir: Path, *, hooks_for: HooksFor | None = None, events: Events 
     if info is None:
         raise UserError(f"--resume: {str(run_dir)!r} has no {RUN_FILE}; expected a run directory")
     recipe = load_recipe(run_dir / RECIPE_FILE)
+    with _exclusive(run_dir):
+        return _run_locked(run_dir, info, recipe, hooks_for, events, store)
+
+
+@contextmanager
+def _exclusive(run_dir: Path):
+    """Hold ``RUN_DIR/.lock`` while running: a second process on the same run is refused (the OS
+    drops the lock when its holder dies, so a killed run can be resumed at once)."""
+    with open(run_dir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"--resume: {str(run_dir)!r} is being run by another process right now") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(run_dir: Path, info: dict[str, Any], recipe: Recipe, hooks_for: HooksFor | None,
+                events: Events | None, store: str | Path | None) -> dict[str, Any]:
     results = ResultsStore(store if store is not None else run_dir / info["store"])
     run = RunInfo(info["run_id"], info["group"], info["seed"], run_dir, results)
     prune = recipe.prune
@@ -181,7 +204,3 @@ def resume(path: str | Path, *, hooks_for: HooksFor | None = None,
         else:
             rows.append(_start_and_run(recipe, path, group["group"], seed, store, hooks_for, events))
     return rows
-
-
-def host() -> str:
-    return socket.gethostname()

@@ -87,6 +87,13 @@ class TrainSpec(Section):
 
     @model_validator(mode="after")
     def _plan_args(self) -> TrainSpec:
+        import inspect
+
+        given = {"total_steps", "lr", "epochs", "steps_per_epoch", *self.lr_plan_args}
+        needed = [name for name, p in inspect.signature(LR_PLANS.get(self.lr_plan)).parameters.items()
+                  if p.default is inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD and name not in given]
+        if needed:
+            raise ValueError(f"lr_plan_args: {self.lr_plan!r} needs {', '.join(needed)}")
         try:  # a dry build checks the arguments against the plan's signature and its own checks
             build_lr_plan(self.lr_plan, lr=self.lr, epochs=self.epochs, steps_per_epoch=10, **self.lr_plan_args)
         except UserError as exc:

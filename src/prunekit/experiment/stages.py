@@ -116,6 +116,15 @@ class StageContext:
                           metadata={"granularity": granularity or "weight"})
         save_artifact(model, spec, directory, manifest=manifest)
 
+    def test_accuracy(self, model: nn.Module) -> float:
+        """Top-1 on the test split at the recipe's evaluation precision (the model stays on the CPU)."""
+        from prunekit.measure.accuracy import evaluate
+
+        result = evaluate(model.to(self.device), self.data.test, device=self.device,
+                          precision=self.recipe.evaluate.precision)
+        model.to("cpu")
+        return result.accuracy
+
     def measure(self, model: nn.Module) -> dict[str, int]:
         return {"macs": count_macs(model, self.input_shape).total, "params": count_params(model)}
 
@@ -213,7 +222,7 @@ def _train(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
     if spec.checkpoint:
         model, saved = load_artifact(spec.checkpoint)
         ctx.save_model(model, saved, out)
-        return {"checkpoint": spec.checkpoint}
+        return {"checkpoint": spec.checkpoint, "final_test_acc": ctx.test_accuracy(model)}
     model, mspec = ctx.fresh_model()
     trainer, result = ctx.fit("train", model, spec, [])
     ctx.save_model(trainer.model, mspec, out)
