@@ -41,7 +41,8 @@ def only_run(group_dir: Path) -> Path:
 def assert_same_outcome(run_dir: Path, reference_dir: Path, stages: tuple[str, ...]) -> None:
     """Bit-identical final weights, identical per-epoch metrics and identical final accuracy."""
     for folder in ("final", *stages):
-        got, want = load_file(run_dir / folder / "model.safetensors"), load_file(reference_dir / folder / "model.safetensors")
+        got = load_file(run_dir / folder / "model.safetensors")
+        want = load_file(reference_dir / folder / "model.safetensors")
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in got), folder
 
@@ -131,4 +132,5 @@ def test_sigkill_mid_epoch_of_gradual_pruning_then_resume_matches(capsys, tmp_pa
     reference = only_run(next(p for p in (tmp_path / "ref").iterdir() if p.is_dir()))
     assert_same_outcome(run_dir, reference, ("prune",))
     final = json.loads((run_dir / "final" / "stage.json").read_text())
-    assert final["compacted"] and final["macs"] < json.loads((run_dir / "evaluate" / "stage.json").read_text())["dense_macs"]
+    evaluation = json.loads((run_dir / "evaluate" / "stage.json").read_text())
+    assert final["compacted"] and final["macs"] < evaluation["dense_macs"]

@@ -67,7 +67,8 @@ def hold_a_write(path: str, ready: str) -> None:
     with store.transaction() as conn:
         conn.execute("UPDATE runs SET status = 'done', final_test_acc = 0.99 WHERE run_id = 'kept/s0'")
         conn.execute("INSERT INTO runs (run_id, group_id, recipe_hash, name, seed, model, data, status, git_commit, "
-                     "run_dir, created_at) VALUES ('ghost/s0', 'ghost', 'h', 't', 0, 'm', 'd', 'done', 'x', 'g', 'now')")
+                     "run_dir, created_at) "
+                     "VALUES ('ghost/s0', 'ghost', 'h', 't', 0, 'm', 'd', 'done', 'x', 'g', 'now')")
         Path(ready).touch()
         time.sleep(600)
     os._exit(0)

@@ -90,3 +90,31 @@ def test_gradual_pruning_resumes_exactly(tmp_path):
     resumed.fit(resume=True)
     for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_gradual_filter_pruning_trains_a_model_equal_to_its_compacted_form():
+    from prunekit.core.compaction import compact
+    from prunekit.core.oneshot import filter_prunable_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 3))
+    example = torch.zeros(1, 3, 8, 8)
+    sparsifier = Sparsifier(net, "filter", "l1", "local", filter_prunable_layers(net, example))
+    sparsifier.couple_channels(net, example)
+    hook = GradualPruning(sparsifier, build_schedule("agp", 0.5, start=0.2))
+    Trainer(net, *loaders(), TrainConfig(epochs=3, lr=0.05, precision="fp32"), hooks=[hook]).fit()
+    assert hook.applied == 0.5
+    # the BN of every pruned channel was held at zero, so removing the channels changes nothing
+    bn = net[1]
+    pruned = ~sparsifier.unit_masks()["0"]
+    assert pruned.sum() == 8 and torch.all(bn.weight[pruned] == 0) and torch.all(bn.bias[pruned] == 0)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        before = net.eval()(x)
+    keep = {name: mask.nonzero().flatten() for name, mask in sparsifier.unit_masks().items()}
+    sparsifier.squash()
+    compacted = compact(net, keep, example).model
+    with torch.no_grad():
+        assert torch.allclose(compacted.eval()(x), before, atol=1e-5)

@@ -18,14 +18,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from prunekit.cli import (compact_cmd, demo_cmd, eval_cmd, export_cmd, inspect_cmd, lr_plan_cmd, macs_cmd,
-                              prune_cmd, schedule_cmd, train_cmd)
+    from prunekit.cli import (compact_cmd, compare_cmd, demo_cmd, eval_cmd, export_cmd, inspect_cmd, lr_plan_cmd,
+                              macs_cmd, prune_cmd, report_cmd, run_cmd, runs_cmd, schedule_cmd, train_cmd)
 
     parser = Parser(prog="prunekit", description="Prune PyTorch models and measure what you got.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train_cmd, eval_cmd, prune_cmd, compact_cmd, inspect_cmd, export_cmd, macs_cmd, schedule_cmd,
-                   lr_plan_cmd, demo_cmd):
+    for module in (run_cmd, runs_cmd, compare_cmd, report_cmd, train_cmd, eval_cmd, prune_cmd, compact_cmd,
+                   inspect_cmd, export_cmd, macs_cmd, schedule_cmd, lr_plan_cmd, demo_cmd):
         module.register(commands)
     return parser
 

@@ -90,6 +90,8 @@ def _brief(stage: str, info: dict[str, Any]) -> str:
     parts = []
     if info.get("final_test_acc") is not None:
         parts.append(f"test acc {info['final_test_acc']:.4f}")
+    if info.get("dense_test_acc") is not None:
+        parts.append(f"dense model {info['dense_test_acc']:.4f} at evaluation precision")
     if stage == "prune" and info.get("realised_sparsity") is not None:
         parts.append(f"{info['target']} -> {info['realised_sparsity']:.4f} of the {info['realised_covers']}")
         if info.get("test_acc_after_prune") is not None:

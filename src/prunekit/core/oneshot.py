@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prunekit.core.compaction import CompactionResult, compact
-from prunekit.core.groups import channel_groups, group_masks
+from prunekit.core.groups import channel_groups
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.core.targets import compacted_macs, parse_target
 from prunekit.errors import UserError
@@ -68,15 +68,14 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, gr
             parsed = uniform_fraction_for_macs(sparsifier, parsed.fraction, macs_of)
     else:
         sparsifier = Sparsifier(model, granularity, criterion, scope, types=(nn.Conv2d,), seed=seed)
+    if structured and not compact_model:
+        sparsifier.couple_channels(model, example_input)  # the zeros then compute what removal will
     sparsifier.update(parsed)
-    if not structured:
+    if not (structured and compact_model):
         return OneShotResult(sparsifier, None)
     keep = {name: mask.nonzero().flatten() for name, mask in sparsifier.unit_masks().items()}
-    if compact_model:
-        sparsifier.squash()
-        return OneShotResult(sparsifier, compact(model, keep, example_input))
-    zero_channel_groups(model, example_input, keep)
-    return OneShotResult(sparsifier, None)
+    sparsifier.squash()
+    return OneShotResult(sparsifier, compact(model, keep, example_input))
 
 
 def uniform_fraction_for_macs(sparsifier: Sparsifier, fraction: float, macs_of, steps: int = 20) -> float:
@@ -98,12 +97,3 @@ def uniform_fraction_for_macs(sparsifier: Sparsifier, fraction: float, macs_of, 
         raise UserError(f"target: macs={fraction:g} is out of reach with the same share of filters per layer")
     log.info("macs target %g met by removing %.4f of the filters of every layer", fraction, high)
     return high
-
-
-def zero_channel_groups(model: nn.Module, example_input: torch.Tensor, keep: dict[str, torch.Tensor]) -> None:
-    """Zero every tensor coupled to the removed channels (BN affine, consumers' inputs), so the
-    dense-shaped model computes exactly what its compacted version will."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in group_masks(channel_groups(model, example_input, keep), keep).items():
-            params[name].mul_(mask.to(params[name].dtype))

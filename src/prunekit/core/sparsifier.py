@@ -106,6 +106,8 @@ class Sparsifier:
             self.granularity.check(name, layer.weight.shape)
             _attach_mask(name, layer)
         self.overrides = self._resolve_overrides(overrides or {})
+        self._groups: list = []  # channel groups whose coupled tensors are masked too (couple_channels)
+        self._coupled: dict[nn.Parameter, torch.Tensor] = {}
         log.debug("sparsifier over %d layers, %s/%s/%s", len(self.layers), self.granularity, criterion, scope)
 
     def _resolve_overrides(self, overrides: Mapping[str, float]) -> dict[str, float]:
@@ -121,6 +123,31 @@ class Sparsifier:
             for name in matched:
                 resolved.setdefault(name, float(fraction))
         return resolved
+
+    def couple_channels(self, model: nn.Module, example_input: torch.Tensor) -> None:
+        """Filter granularity: also mask every tensor coupled to a pruned filter.
+
+        The coupled BN's weight and bias, the consumers' input channels, residual partners (from
+        :mod:`prunekit.core.groups`) are masked and enforced with the filters, so a model trained
+        under these masks computes exactly what its compacted version will.
+        """
+        if not isinstance(self.granularity, Filter):
+            raise UserError(f"couple_channels: needs granularity 'filter', not {self.granularity}")
+        from prunekit.core.groups import channel_groups  # Torch-Pruning only when asked for
+
+        self._groups = channel_groups(model, example_input, list(self.layers))
+        self._params = dict(model.named_parameters())
+        self._refresh_coupled()
+        self.enforce()
+
+    def _refresh_coupled(self) -> None:
+        if not self._groups:
+            return
+        from prunekit.core.groups import group_masks
+
+        keep = {name: kept.nonzero().flatten() for name, kept in self.unit_masks().items()}
+        self._coupled = {self._params[name]: mask.to(self._params[name].device, self._params[name].dtype)
+                         for name, mask in group_masks(self._groups, keep).items()}
 
     # ------------------------------------------------------------------ masks
     def masks(self) -> dict[str, torch.Tensor]:
@@ -170,6 +197,7 @@ class Sparsifier:
                                 "lower the sparsity, exclude the layer, or pass allow_empty=True")
         for name, mask in self.masks().items():
             mask.copy_(new[name])
+        self._refresh_coupled()
         self.enforce(optimizer)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("masks updated to %s: realised %.4f", target, self.realised_sparsity().total)
@@ -218,16 +246,18 @@ class Sparsifier:
     def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero pruned weights, their gradients and every optimizer state tensor shaped like them
         (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``, ...). Call after each step."""
+        pairs = [(layer.weight, layer._buffers[MASK]) for layer in self.layers.values()]
+        if any(mask.device != param.device for param, mask in self._coupled.items()):  # the model moved
+            self._coupled = {param: mask.to(param.device) for param, mask in self._coupled.items()}
         with torch.no_grad():
-            for layer in self.layers.values():
-                weight, mask = layer.weight, layer._buffers[MASK]
-                weight.mul_(mask)
-                if weight.grad is not None:
-                    weight.grad.mul_(mask)
-                state = optimizer.state.get(weight) if optimizer is not None else None
+            for param, mask in [*pairs, *self._coupled.items()]:
+                param.mul_(mask)
+                if param.grad is not None:
+                    param.grad.mul_(mask)
+                state = optimizer.state.get(param) if optimizer is not None else None
                 if state:
                     for value in state.values():
-                        if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                        if isinstance(value, torch.Tensor) and value.shape == param.shape:
                             value.mul_(mask)
 
     def realised_sparsity(self) -> RealisedSparsity:
@@ -242,7 +272,7 @@ class Sparsifier:
         self.enforce()
         for layer in self.layers.values():
             del layer._buffers[MASK]
-        self.layers = {}
+        self.layers, self._groups, self._coupled = {}, [], {}
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -260,6 +290,7 @@ class Sparsifier:
                 raise UserError(f"masks: layer {name!r} saved {tuple(saved.shape)}, model has {tuple(mask.shape)}")
             mask.copy_(saved)
         self.generator.set_state(state["generator"])
+        self._refresh_coupled()
         self.enforce()
 
 

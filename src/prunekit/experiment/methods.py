@@ -264,6 +264,8 @@ class GradualPrune(PruneSpec):
             kwargs.update(layers=filter_prunable_layers(model, ctx.example_input()), round_to=self.round_to,
                           normalize=self.scope == "global")
         sparsifier = Sparsifier(model, monotone=self.monotone, seed=ctx.seed, **kwargs)
+        if self.structured:
+            sparsifier.couple_channels(model, ctx.example_input())
         hook = GradualPruning(sparsifier, self.sparsity_schedule(), every=self.every)
         trainer, result = ctx.fit("prune", model, self.train, [hook])
         realised = sparsifier.realised_sparsity().total

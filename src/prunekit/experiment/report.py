@@ -66,7 +66,8 @@ def find_subject(ref: str | Path, store: str | Path | None = None, out: str | Pa
         store = Path("runs") / "results.sqlite"
     results = ResultsStore(store)
     if not results.exists():
-        raise UserError(f"report: {str(ref)!r} is not a run or group directory, and store {str(store)!r} does not exist")
+        raise UserError(f"report: {str(ref)!r} is not a run or group directory, and store {str(store)!r} "
+                        "does not exist")
     rows = results.rows(run_ids=[str(ref)]) or results.rows(groups=[str(ref)])
     if not rows:
         raise UserError(f"report: no run directory, run id or group {str(ref)!r} (store {str(store)!r})")
@@ -161,6 +162,8 @@ def plot_accuracy(subject: Subject, path: Path) -> bool:
     fig = _figure(11.5, 4.6)
     ax_s, ax_m = fig.subplots(1, 2, sharey=True)
     dense_acc = [r["dense_test_acc"] for r in rows if r["run_id"] in mine and r["dense_test_acc"] is not None]
+    max_macs = max([r["macs"] for r in rows if r["macs"]] + [r["dense_macs"] for r in rows if r["dense_macs"]])
+    same_macs = len({r["macs"] for r in rows}) == 1
     seen: set[str] = set()
     for row in comparison.rows:
         label = _method_label(first[row.recipe_hash])
@@ -177,18 +180,27 @@ def plot_accuracy(subject: Subject, path: Path) -> bool:
             if x.mean is None:
                 continue
             ax.errorbar(scale * x.mean, 100 * acc.mean, yerr=yerr, xerr=scale * xerr if xerr else None, **style)
+            if ax is ax_m and not highlight and same_macs:
+                continue  # all at the dense MACs: one label is enough
+            text = f"{row.target or 'dense'}"
             if highlight:
-                ax.annotate(f"{row.target or 'dense'}\n{100 * acc.mean:.2f}%"
-                            + (f" ± {100 * acc.std:.2f}" if acc.std is not None else "")
-                            + f" (n={len(row.runs)})", (scale * x.mean, 100 * acc.mean), textcoords="offset points",
-                            xytext=(10, -4), fontsize=8, va="top")
+                text += f"\n{100 * acc.mean:.2f}%" + (f" ± {100 * acc.std:.2f}" if acc.std is not None else "")
+                text += f" (n={len(row.runs)})" if len(row.runs) > 1 else ""
+            right = scale * x.mean > 0.75 * (100 if ax is ax_s else scale * max_macs)
+            if highlight:  # above the point, clear of the others' labels below theirs
+                ax.annotate(text, (scale * x.mean, 100 * acc.mean), textcoords="offset points", xytext=(0, 10),
+                            ha="right" if right else "center", va="bottom", fontsize=8, fontweight="bold")
+            else:
+                ax.annotate(text, (scale * x.mean, 100 * acc.mean), textcoords="offset points",
+                            xytext=(-9 if right else 9, -5), ha="right" if right else "left", va="top", fontsize=8)
     if dense_acc:
         mean = 100 * sum(dense_acc) / len(dense_acc)
         for ax in (ax_s, ax_m):
             ax.axhline(mean, color="grey", ls=":", lw=1.2, label=f"dense before pruning ({mean:.2f}%)")
     dense_macs = [r["dense_macs"] for r in rows if r["dense_macs"]]
     if dense_macs:
-        ax_m.axvline(1e-6 * dense_macs[0], color="grey", ls="--", lw=1, label=f"dense MACs ({dense_macs[0] / 1e6:.2f} M)")
+        ax_m.axvline(1e-6 * dense_macs[0], color="grey", ls="--", lw=1,
+                     label=f"dense MACs ({dense_macs[0] / 1e6:.2f} M)")
     ax_s.set_xlabel("sparsity: conv weights removed or zero (vs dense)")
     ax_s.xaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
     ax_s.set_xlim(-3, 103)
@@ -198,8 +210,13 @@ def plot_accuracy(subject: Subject, path: Path) -> bool:
     ax_s.set_ylabel("final test accuracy (%)")
     for ax in (ax_s, ax_m):
         ax.grid(True, alpha=0.3)
+        ax.margins(y=0.15)
+    if same_macs:
+        ax_m.text(0.03, 0.97, "every run has the same MACs: zeros left in place\n(unstructured pruning) are "
+                  "still counted;\nfilter pruning with compact: true removes them", transform=ax_m.transAxes,
+                  va="top", fontsize=8, color="dimgrey")
     ax_s.legend(loc="lower left", fontsize=8)
-    ax_m.legend(loc="lower right", fontsize=8)
+    ax_m.legend(loc="lower left", fontsize=8)
     fig.suptitle(f"{recipe.model.name} on {recipe.data.name}: final test accuracy, {len(comparison.rows)} recipe(s), "
                  f"{len(rows)} run(s); outlined = {subject.label}", fontsize=10)
     return _save(fig, path)
@@ -265,6 +282,10 @@ def plot_training(subject: Subject, path: Path) -> bool:
         ax.set_xlabel("epoch (all training stages in order)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
+    dense = [m.get("dense_test_acc") for m in (_read_json(d / STAGE_DIRS["train"] / MARKER) or {} for d, _ in runs)]
+    dense = [100 * a for a in dense if a is not None]
+    if pruned_at is not None and dense:
+        ax_acc.plot([pruned_at] * len(dense), dense, "D", color="grey", ms=6, label="test, dense model")
     if pruned_at is not None and after:
         ax_acc.plot([pruned_at] * len(after), after, "X", color="C3", ms=9, label="test, right after pruning")
     for ax in (ax_loss, ax_acc):

@@ -74,8 +74,8 @@ def _relative(path: Path, start: Path) -> str:
 
 def _write_recipe(path: Path, recipe: Recipe, note: str) -> None:
     with atomic_open(path) as handle:
-        handle.write(f"# {note}\n# Fully resolved (defaults filled in). `prunekit run <this file>` runs it again as a new\n"
-                     "# group; `prunekit run --resume <its directory>` continues this one.\n")
+        handle.write(f"# {note}\n# Fully resolved (defaults filled in). `prunekit run <this file>` runs it again "
+                     "as a new\n# group; `prunekit run --resume <its directory>` continues this one.\n")
         handle.write(recipe.to_yaml())
 
 
