@@ -4,14 +4,15 @@
                                         [--seeds 0] [--arms dense one_shot iterative agp one_cycle]
                                         [--parallel 2]
 
-CIFAR-10 ResNet-20 trained from scratch for ``--epochs`` with the Trainer's defaults (the same
-optimizer, LR plan, augmentation and precision for every arm), unstructured layer-wise L1
-magnitude pruning of every conv (first conv included, classifier dense, METHODS §3.3), masks
-updated before each step when the schedule's target changes and enforced after each step.
-Arms: one-shot at 40 % of the budget, iterative (3 steps) from 20 %, AGP from 20 % to the end,
-One-Cycle (alpha 14, beta 5) over the whole run, and the dense reference. Each arm is its own
-resumable run under runs/ocp/ (a killed experiment continues where it stopped). Writes
-benchmarks/results/ocp/summary.json, table.md and curves.png.
+The arms are the recipes in recipes/ocp/ (the single definition of each arm's schedule and
+training settings; ``--epochs``/``--sparsity`` override them): CIFAR-10 ResNet-20 trained from
+scratch with the same optimizer, LR plan, augmentation and precision in every arm, unstructured
+layer-wise L1 magnitude pruning of every conv (first conv included, classifier dense, METHODS
+§3.3), masks updated before each step when the schedule's target changes and enforced after each
+step. Arms: one-shot at 40 % of the budget, iterative (3 steps) from 20 %, AGP from 20 % to the
+end, One-Cycle (alpha 14, beta 5) over the whole run, and the dense reference. Each arm is its
+own resumable run under runs/ocp/ (a killed experiment continues where it stopped). Writes
+benchmarks/results/ocp/summary-*.json, table-*.md and curves-*.png.
 """
 
 from __future__ import annotations
@@ -28,35 +29,43 @@ import torch
 from torch import nn
 
 from machine import machine_info
-from prunekit.core.schedules import build_schedule
+from prunekit.core.schedules import Schedule
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.data import build_data
+from prunekit.experiment.recipe import Recipe, load_recipe
 from prunekit.io import atomic_path, write_json
 from prunekit.methods.gradual import GradualPruning
 from prunekit.models import build_model
-from prunekit.train import TrainConfig, Trainer
+from prunekit.train import Trainer
 
-ARMS = {  # schedule name, window start (fraction of the budget), shape arguments
-    "one_shot": ("one_shot", 0.4, {}),
-    "iterative": ("iterative", 0.2, {"n": 3}),
-    "agp": ("agp", 0.2, {}),
-    "one_cycle": ("one_cycle", 0.0, {"alpha": 14.0, "beta": 5.0}),
-}
+PRUNED_ARMS = ("one_shot", "iterative", "agp", "one_cycle")
+RECIPES = Path("recipes/ocp")
 RESULTS = Path("benchmarks/results/ocp")
+
+
+def arm_recipe(arm: str, args: argparse.Namespace) -> Recipe:
+    """The arm's recipe with the experiment's budget and final sparsity."""
+    if arm == "dense":
+        return load_recipe(RECIPES / "dense.yaml", [f"train.epochs={args.epochs}"])
+    return load_recipe(RECIPES / f"{arm}.yaml", [f"prune.train.epochs={args.epochs}",
+                                                 f"prune.target=weights={args.sparsity}"])
+
+
+def arm_schedule(arm: str, args: argparse.Namespace) -> Schedule:
+    return arm_recipe(arm, args).prune.sparsity_schedule()
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     data = build_data("cifar10", data_dir=args.data_dir, batch_size=128, seed=seed, subset=args.subset)
     torch.manual_seed(seed)
     model = build_model("resnet20", num_classes=data.num_classes)
-    hooks = []
+    recipe, hooks = arm_recipe(arm, args), []
     if arm != "dense":
-        name, start, shape = ARMS[arm]
-        sparsifier = Sparsifier(model, "weight", "l1", "local", types=(nn.Conv2d,), include_first_conv=True)
-        hooks.append(GradualPruning(sparsifier, build_schedule(name, args.sparsity, start=start, **shape)))
+        sparsifier = Sparsifier(model, seed=seed, **recipe.prune.sparsifier_kwargs())
+        hooks.append(GradualPruning(sparsifier, recipe.prune.sparsity_schedule()))
+    phase = recipe.train if arm == "dense" else recipe.prune.train
     run_dir = Path("runs/ocp") / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}"
-    trainer = Trainer(model, data.train, data.test, TrainConfig(epochs=args.epochs, seed=seed), hooks=hooks,
-                      run_dir=run_dir)
+    trainer = Trainer(model, data.train, data.test, phase.config(seed), hooks=hooks, run_dir=run_dir)
     result = trainer.fit(resume=True)
     conv = [m.weight for m in trainer.model.modules() if isinstance(m, nn.Conv2d)]
     realised = sum(int((w == 0).sum()) for w in conv) / sum(w.numel() for w in conv)
@@ -124,8 +133,8 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     sparsity_axes, accuracy_axes = figure.subplots(1, 2)
     steps = 1000
-    for arm, (name, start, shape) in ARMS.items():
-        schedule = build_schedule(name, args.sparsity, start=start, **shape)
+    for arm in PRUNED_ARMS:
+        schedule = arm_schedule(arm, args)
         p = [i / steps for i in range(steps + 1)]
         sparsity_axes.plot([x * args.epochs for x in p], [100 * schedule(x) for x in p], label=arm)
     sparsity_axes.set(xlabel="epoch", ylabel="target conv sparsity (%)",
@@ -149,7 +158,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--arms", nargs="+", default=["dense", *ARMS], choices=["dense", *ARMS])
+    parser.add_argument("--arms", nargs="+", default=["dense", *PRUNED_ARMS], choices=["dense", *PRUNED_ARMS])
     parser.add_argument("--subset", type=int, default=None, help="first N training images (smoke tests)")
     parser.add_argument("--parallel", type=int, default=2, help="arms trained at once (one process each)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
