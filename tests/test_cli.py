@@ -11,16 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA
+from cli_runner import run_cli
 from prunekit.cli.main import main
-
-
-def run_cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's own exit for a malformed argument
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def malformed_cifar(tmp_path: Path) -> Path:

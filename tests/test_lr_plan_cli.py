@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from prunekit.cli import lr_plan_cmd
-from prunekit.cli.main import Parser
-from prunekit.errors import UserError
+from cli_runner import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_lr_plan(capsys, *args):
-    """Parse and run like ``prunekit.cli.main.main`` does, with only this command registered."""
-    parser = Parser(prog="prunekit")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    lr_plan_cmd.register(commands)
-    try:
-        parsed = parser.parse_args(["lr-plan", *map(str, args)])
-        code = parsed.run(parsed) or 0
-    except SystemExit as exc:  # argparse's own exit for a malformed argument
-        code = exc.code
-    except UserError as exc:
-        print(f"prunekit lr-plan: error: {exc}", file=sys.stderr)
-        code = 2
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "lr-plan", *args)
 
 
 def test_json_lr_rewind_t72(capsys):

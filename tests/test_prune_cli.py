@@ -5,17 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from prunekit.artifact import load_artifact
+from cli_runner import run_cli
 from prunekit.cli.main import main
 from prunekit.measure import count_macs
-
-
-def run_cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from prunekit.cli import schedule_cmd
-from prunekit.cli.main import Parser
+from cli_runner import run_cli
 from prunekit.core.schedules import build_schedule
-from prunekit.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_schedule(capsys, *args):
-    """Parse and run like ``prunekit.cli.main.main`` does, with only this command registered."""
-    parser = Parser(prog="prunekit")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    schedule_cmd.register(commands)
-    try:
-        parsed = parser.parse_args(["schedule", *map(str, args)])
-        code = parsed.run(parsed) or 0
-    except SystemExit as exc:  # argparse's own exit for a malformed argument
-        code = exc.code
-    except UserError as exc:
-        print(f"prunekit schedule: error: {exc}", file=sys.stderr)
-        code = 2
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "schedule", *args)
 
 
 def test_json_lists_the_curve(capsys):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from prunekit.cli.parsing import positive_int
+from prunekit.errors import UserError
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, default_batch: int = 128) -> None:
@@ -37,3 +39,15 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def check_plot_path(path: Path) -> str:
+    """The plot format named by ``path``'s suffix, or a one-line error naming --plot."""
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise UserError(f"--plot: expected a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}, "
+                        f"got {str(path)!r}")
+    return fmt

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from prunekit.cli.common import console
+from prunekit.cli.common import PLOT_FORMATS, check_plot_path, console
 from prunekit.cli.parsing import positive_float, positive_int
 from prunekit.errors import UserError
 from prunekit.io import atomic_path
@@ -17,7 +17,6 @@ from prunekit.train.lr_plans import PRESETS, RETRAINING_PLANS, LRRewind, Retrain
 
 log = logging.getLogger(__name__)
 
-PLOT_FORMATS = ("png", "pdf", "svg")
 DEFAULT_STEPS_PER_EPOCH = {"cifar": 782, "imagenet": 5005}
 """NPTM's batches per epoch: CIFAR 50,000 images / 64, ImageNet 1,281,167 / 256 (last batch kept)."""
 ALL = "all"
@@ -94,7 +93,7 @@ def plans_from_args(args: argparse.Namespace) -> dict[str, RetrainingPlan]:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
-        _check_plot_path(args.plot)
+        check_plot_path(args.plot)
     plans = plans_from_args(args)
     steps = next(iter(plans.values())).steps_per_epoch
     tables = {name: epoch_table(plan, steps) for name, plan in plans.items()}
@@ -138,14 +137,6 @@ def _table(tables: dict[str, list[dict]], args: argparse.Namespace) -> Table:
     return table
 
 
-def _check_plot_path(path: Path) -> str:
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in PLOT_FORMATS:
-        raise UserError(f"--plot: expected a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}, "
-                        f"got {str(path)!r}")
-    return fmt
-
-
 def _sample_steps(plan: RetrainingPlan) -> list[int]:
     """Every step when affordable; otherwise an even grid plus both sides of each epoch boundary."""
     total, n = plan.total_steps, plan.steps_per_epoch
@@ -165,7 +156,7 @@ def plot_lr_plans(plans: dict[str, RetrainingPlan], path: str | Path, *, title: 
     from matplotlib.figure import Figure
 
     path = Path(path)
-    fmt = _check_plot_path(path)
+    fmt = check_plot_path(path)
     curves = {}
     for name, plan in plans.items():
         steps = _sample_steps(plan)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from prunekit.cli.common import console
+from prunekit.cli.common import PLOT_FORMATS, check_plot_path, console
 from prunekit.cli.parsing import int_at_least, number, positive_int
 from prunekit.core.schedules import SCHEDULES, Schedule, build_schedule
 from prunekit.errors import UserError
@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # shape parameter -> the CLI flag that sets it
 SHAPE_FLAGS = {"alpha": "--alpha", "beta": "--beta", "n": "--steps"}
-PLOT_FORMATS = ("png", "pdf", "svg")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -62,7 +61,7 @@ def schedule_from_args(args: argparse.Namespace) -> Schedule:
 def run(args: argparse.Namespace) -> int:
     schedule = schedule_from_args(args)
     if args.plot is not None:
-        _check_plot_path(args.plot)
+        check_plot_path(args.plot)
     curve = schedule.curve(args.points)
     if args.json:
         print(json.dumps([{"p": p, "sparsity": s} for p, s in curve]))
@@ -85,14 +84,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_plot_path(path: Path) -> str:
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in PLOT_FORMATS:
-        raise UserError(f"--plot: expected a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}, "
-                        f"got {str(path)!r}")
-    return fmt
-
-
 def plot_schedule(schedule: Schedule, path: str | Path, *, marks: list[tuple[float, float]] | None = None,
                   samples: int = 2001) -> None:
     """Draw s(p) over the whole budget with the pruning window shaded; written atomically.
@@ -104,7 +95,7 @@ def plot_schedule(schedule: Schedule, path: str | Path, *, marks: list[tuple[flo
     from matplotlib.ticker import PercentFormatter
 
     path = Path(path)
-    fmt = _check_plot_path(path)
+    fmt = check_plot_path(path)
     # Dense grid plus both sides of the window edges and of every step boundary we know of,
     # so jumps are drawn vertical rather than as slanted segments.
     ps = {i / (samples - 1) for i in range(samples)} | {schedule.start, schedule.end}
