@@ -100,11 +100,6 @@ def l1_filter_scores(weight: torch.Tensor) -> torch.Tensor:
     return l1(LayerView("", weight), _FILTER)
 
 
-def l2_filter_scores(weight: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each output filter."""
-    return l2(LayerView("", weight), _FILTER)
-
-
 # ------------------------------------------------------------------ evidence
 def taylor_evidence(layers: Mapping[str, nn.Module], batches: Iterable[Any],
                     loss_fn: Callable[[Any], torch.Tensor]) -> dict[str, torch.Tensor]:
