@@ -41,6 +41,7 @@ from prunekit.train import Trainer
 PRUNED_ARMS = ("one_shot", "iterative", "agp", "one_cycle")
 RECIPES = Path("recipes/ocp")
 RESULTS = Path("benchmarks/results/ocp")
+COLOURS = {"dense": "black", "one_shot": "C0", "iterative": "C1", "agp": "C2", "one_cycle": "C3"}
 
 
 def arm_recipe(arm: str, args: argparse.Namespace) -> Recipe:
@@ -136,13 +137,14 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     for arm in PRUNED_ARMS:
         schedule = arm_schedule(arm, args)
         p = [i / steps for i in range(steps + 1)]
-        sparsity_axes.plot([x * args.epochs for x in p], [100 * schedule(x) for x in p], label=arm)
+        sparsity_axes.plot([x * args.epochs for x in p], [100 * schedule(x) for x in p], label=arm,
+                           color=COLOURS[arm])
     sparsity_axes.set(xlabel="epoch", ylabel="target conv sparsity (%)",
                       title=f"sparsity schedules ({args.sparsity:.0%} final, {args.epochs} epochs)")
     for row in rows:
         if row["seed"] == rows[0]["seed"]:
             accuracy_axes.plot(range(1, len(row["curve"]) + 1), [100 * a for a in row["curve"]], marker=".",
-                               label=row["arm"])
+                               label=row["arm"], color=COLOURS[row["arm"]])
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)",
                       title=f"ResNet-20 CIFAR-10 test accuracy (seed {rows[0]['seed']})")
     for axes in (sparsity_axes, accuracy_axes):
