@@ -22,6 +22,7 @@ from torch import nn
 from prunekit.core.granularity import Filter, Granularity
 from prunekit.errors import UserError
 from prunekit.registry import Registry
+from prunekit.tracing import probe_forward
 from prunekit.train.hooks import Hook
 
 if TYPE_CHECKING:
@@ -181,16 +182,7 @@ def batchnorm_scales(model: nn.Module, layers: Mapping[str, nn.Module],
     handles = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
     handles += [m.register_forward_pre_hook(match) for m in model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    probe_forward(model, example_input, handles)
     missing = [name for name in layers if name not in follower]
     if missing:
         raise UserError(f"criterion bn_scale: no BatchNorm directly after layer(s) {', '.join(missing)}; "

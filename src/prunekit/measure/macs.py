@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import UserError
+from prunekit.tracing import probe_forward
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -155,19 +156,10 @@ def count_macs(
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
-    try:
-        for name, module in model.named_modules():
-            rule = _rule(module)
-            if rule is not None or next(module.children(), None) is None:
-                handles.append(module.register_forward_hook(make_hook(name, rule)))
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    for name, module in model.named_modules():
+        rule = _rule(module)
+        if rule is not None or next(module.children(), None) is None:
+            handles.append(module.register_forward_hook(make_hook(name, rule)))
+    probe_forward(model, x, handles)
     order = [name for name, _ in model.named_modules() if name in macs]
     return MacReport(tuple(MacRow(name, types[name], macs[name]) for name in order))
