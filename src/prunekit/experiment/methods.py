@@ -12,8 +12,10 @@ Later methods (hyperspherical, AutoBot, retraining variants) register the same w
         ...
         def run(self, ctx, source, out): ...
 
-Built in: ``oneshot`` (prune once to the target, then optionally retrain) and ``gradual``
-(prune along a sparsity schedule while training, :class:`~prunekit.methods.gradual.GradualPruning`).
+Built in: ``oneshot`` (prune once to the target, then optionally retrain), ``filter_config``
+(one-shot filter pruning with a predefined per-layer configuration, Network Pruning That Matters)
+and ``gradual`` (prune along a sparsity schedule while training,
+:class:`~prunekit.methods.gradual.GradualPruning`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -62,7 +65,9 @@ class PruneSpec(Section):
 
     @field_validator("target", mode="before")
     @classmethod
-    def _parse_target(cls, value: Any) -> str:
+    def _parse_target(cls, value: Any) -> str | None:
+        if value is None:  # a method without a target (its resolved recipe says target: null)
+            return None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             hint = f"{value / 100:g}" if 1 < value <= 100 else f"{value:g}"
             raise ValueError(f"needs a unit: write weights={hint}, filters={hint} or macs={hint} "
@@ -91,6 +96,14 @@ class PruneSpec(Section):
 
     @model_validator(mode="after")
     def _granularity_fits_target(self) -> PruneSpec:
+        self.check_target()
+        return self
+
+    def check_target(self) -> None:
+        """Raise ValueError (``key: problem``) when target, granularity and layers do not fit together.
+
+        A method overrides this rather than the validator: the recipe re-runs the base class's
+        validators on a method's instance."""
         target = self.parsed_target
         if self.granularity is None:
             self.granularity = UNIT_GRANULARITY[target.unit]
@@ -114,12 +127,16 @@ class PruneSpec(Section):
             raise ValueError("layers: filter pruning picks the removable channel groups itself (classifier "
                              "outputs excluded); layers / include_first_conv / include_classifier apply to "
                              "weight, kernel and N:M granularity")
-        return self
 
     # ----------------------------------------------------------------- queries
     @property
     def parsed_target(self) -> Target:
         return parse_target(self.target)
+
+    @property
+    def label(self) -> str:
+        """What the method removes, for the results store, tables and plots."""
+        return self.target
 
     @property
     def structured(self) -> bool:
@@ -186,6 +203,79 @@ class OneShotPrune(PruneSpec):
         return {"target": self.target, "granularity": self.granularity, "realised_sparsity": realised,
                 "realised_covers": "filters of the pruned groups" if manifest is not None else
                                    "weights of the pruned layers",
+                "compacted": manifest is not None, "macs_before": before["macs"], "macs_after": after["macs"],
+                "params_before": before["params"], "params_after": after["params"],
+                "test_acc_after_prune": ctx.test_accuracy(model)}
+
+
+@PRUNE_METHODS.register("filter_config")
+class FilterConfigPrune(PruneSpec):
+    """One-shot filter pruning with a predefined per-layer configuration (METHODS §2.3.1, as
+    Network Pruning That Matters ran it): ``config`` names one of ``FILTER_CONFIGS`` (ResNet-56/110
+    A–D, VGG-16 A–C, the [PROPOSED] ``resnet20-B``); ``criterion: l1`` keeps the filters with the
+    largest L1 norms, ``random`` the same number per layer chosen at random (seeded by the run's
+    seed). The configuration fixes how much goes, so there is no ``target``. With ``compact: true``
+    the filters are removed at once; otherwise they are masked (with their BN and consumer inputs).
+    """
+
+    method: Literal["filter_config"]
+    config: str
+    target: str | None = None
+    granularity: str | None = "filter"
+
+    @field_validator("config")
+    @classmethod
+    def _known_config(cls, name: str) -> str:
+        from prunekit.methods.filter_configs import FILTER_CONFIGS
+
+        if name not in FILTER_CONFIGS:
+            raise ValueError(f"unknown filter-pruning configuration {name!r}; known: {', '.join(FILTER_CONFIGS.names())}")
+        return name
+
+    def check_target(self) -> None:
+        if self.target is not None:
+            raise ValueError(f"target: the configuration {self.config!r} fixes what is removed; drop target")
+        if self.granularity != "filter":
+            raise ValueError(f"granularity: filter_config removes whole filters; expected filter, got {self.granularity!r}")
+        for key in ("scope", "round_to", "layers", "include_first_conv", "include_classifier"):
+            if getattr(self, key) != PruneSpec.model_fields[key].get_default(call_default_factory=True):
+                raise ValueError(f"{key}: the configuration {self.config!r} fixes the pruned layers and counts; drop {key}")
+
+    @property
+    def structured(self) -> bool:
+        return True
+
+    @property
+    def label(self) -> str:
+        return f"config={self.config} ({self.criterion})"
+
+    def run(self, ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
+        from prunekit.methods.filter_configs import filter_keep
+
+        model, spec = ctx.load_model(source) if source is not None else ctx.fresh_model()
+        before = ctx.measure(model)
+        keep = filter_keep(model, self.config, self.criterion, seed=ctx.seed)
+        removed = sum(m.out_channels - len(keep[n]) for n, m in model.named_modules() if n in keep)
+        manifest, masks = None, None
+        if ctx.recipe.compact:
+            from prunekit.core.compaction import compact
+
+            result = compact(model, keep, ctx.example_input())
+            model, manifest = result.model, result.manifest
+        else:
+            from prunekit.experiment.stages import attach_masks
+
+            modules = dict(model.named_modules())
+            masks = {}
+            for name, kept in keep.items():
+                mask = torch.zeros_like(modules[name].weight, dtype=torch.bool)
+                mask[kept] = True
+                masks[name] = mask
+            attach_masks(model, masks, ctx.example_input())
+        ctx.save_model(model, spec, out, masks=masks, manifest=manifest, granularity="filter")
+        after = ctx.measure(model)
+        return {"config": self.config, "criterion": self.criterion, "granularity": "filter",
+                "filters_removed": removed, "params_removed": 1 - after["params"] / before["params"],
                 "compacted": manifest is not None, "macs_before": before["macs"], "macs_after": after["macs"],
                 "params_before": before["params"], "params_after": after["params"],
                 "test_acc_after_prune": ctx.test_accuracy(model)}

@@ -113,13 +113,26 @@ class DataSection(Section):
 
 
 class TrainSection(TrainSpec):
-    """Dense training, or ``checkpoint:`` a saved model directory to start from instead."""
+    """Dense training, or ``checkpoint:`` a saved model directory to start from instead.
+
+    ``rewind_points``: epochs after which the weights are saved (``train/rewind/``) for weight
+    rewinding later; a ``retrain`` with ``lr_plan: weight_rewind`` adds the epoch it needs itself.
+    """
 
     checkpoint: str | None = None
+    rewind_points: list[NonNegativeInt] = Field(default_factory=list)
+
+    @field_validator("rewind_points")
+    @classmethod
+    def _distinct_points(cls, points: list[int]) -> list[int]:
+        return sorted(set(points))
 
     @model_validator(mode="after")
     def _checkpoint(self) -> TrainSection:
         if self.checkpoint is None:
+            late = [e for e in self.rewind_points if e > self.epochs]
+            if late:
+                raise ValueError(f"rewind_points: {late} lie beyond the {self.epochs} training epochs")
             return self
         others = sorted(self.model_fields_set - {"checkpoint"})
         if others:
@@ -232,7 +245,37 @@ class Recipe(Section):
             if saved.get("model") != self.model.name:
                 raise ValueError(f"train.checkpoint: holds a {saved.get('model')!r} model, but model.name is "
                                  f"{self.model.name!r}")
+        if self.retrain is not None and self.retrain.lr_plan in ("lr_rewind", "weight_rewind"):
+            self._check_rewinding()
         return self
+
+    def _check_rewinding(self) -> None:
+        """A rewinding plan replays the original run: its T must be the dense training's, and
+        weight rewinding needs the weights saved after epoch T − t."""
+        from prunekit.methods.retraining import REWIND_DIR, rewind_point_path
+
+        retrain, train = self.retrain, self.train
+        original = retrain.lr_plan_args.get("original_epochs")
+        if train is not None and not train.checkpoint and original != train.epochs:
+            raise ValueError(f"retrain.lr_plan_args.original_epochs: expected {train.epochs} (train.epochs: the "
+                             f"original run it replays), got {original!r}")
+        if retrain.lr_plan != "weight_rewind":
+            return
+        if train is None:
+            raise ValueError("retrain.lr_plan: weight_rewind needs the original training (a train section, or "
+                             "train.checkpoint with its rewind/ points)")
+        if train.checkpoint:
+            point = rewind_point_path(Path(train.checkpoint) / REWIND_DIR, original - retrain.epochs)
+            if not point.is_file():
+                raise ValueError(f"retrain.lr_plan: weight_rewind with epochs={retrain.epochs} needs the weights "
+                                 f"after original epoch {original - retrain.epochs}, but {str(point)!r} does not "
+                                 "exist (train with train.rewind_points to keep them)")
+
+    def rewind_epoch(self) -> int | None:
+        """The original epoch a ``weight_rewind`` retraining restarts from (None: it does not rewind)."""
+        if self.retrain is None or self.retrain.lr_plan != "weight_rewind":
+            return None
+        return self.retrain.lr_plan_args["original_epochs"] - self.retrain.epochs
 
     # ------------------------------------------------------------------ views
     def resolved(self) -> dict[str, Any]:
@@ -256,6 +299,16 @@ class Recipe(Section):
 
     def with_seed(self, seed: int) -> Recipe:
         return self.model_copy(update={"seeds": [seed]})
+
+    def rewind_epochs(self) -> list[int]:
+        """Original epochs whose weights the train stage saves: ``train.rewind_points`` plus T − t
+        when ``retrain`` rewinds weights (t its epochs, T the dense training's)."""
+        if self.train is None or self.train.checkpoint:
+            return []
+        epochs = set(self.train.rewind_points)
+        if self.rewind_epoch() is not None:
+            epochs.add(self.rewind_epoch())
+        return sorted(epochs)
 
     def phases(self) -> list[tuple[str, TrainSpec]]:
         """The training phases in order, as (stage, spec): what the LR-plan plot draws."""

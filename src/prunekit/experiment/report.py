@@ -278,7 +278,7 @@ def plot_training(subject: Subject, path: Path) -> bool:
     after = [100 * a for a in after if a is not None]
     for ax in (ax_loss, ax_acc):
         if pruned_at is not None:
-            ax.axvline(pruned_at, color="C3", lw=1.5, ls="--", label=f"pruned to {subject.recipe.prune.target}")
+            ax.axvline(pruned_at, color="C3", lw=1.5, ls="--", label=f"pruned to {subject.recipe.prune.label}")
         ax.set_xlabel("epoch (all training stages in order)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
@@ -327,7 +327,7 @@ def timeline(recipe: Recipe, steps_per_epoch: dict[str, int]) -> dict[str, list]
     from prunekit.train.lr_plans import build_lr_plan
 
     prune = recipe.prune
-    final = prune.parsed_target.fraction if prune is not None else 0.0
+    final = 0.0 if prune is None else prune.parsed_target.fraction if prune.target else math.nan
     schedule = prune.sparsity_schedule() if prune is not None else None
     level = schedule(0.0) if schedule is not None and recipe.phases()[0][0] == "prune" else 0.0
     if recipe.phases()[0][0] == "retrain":
@@ -386,7 +386,7 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
 
     prune = recipe.prune
     if prune is not None:
-        unit = prune.parsed_target.unit
+        unit = prune.parsed_target.unit if prune.target else "filters"
         ax_sp.plot(line["x"], line["sparsity"], color="C3", lw=2, drawstyle="steps-pre",
                    label=f"target: fraction of {unit} removed")
         realised = _realised(subject)
@@ -394,7 +394,7 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
             ax_sp.plot([p[0] for p in realised], [p[1] for p in realised], "o", color="black", ms=4,
                        label="reached at epoch end (weights of the pruned layers)")
         schedule = prune.sparsity_schedule()
-        what = schedule.describe() if schedule is not None else f"one-shot to {prune.target} after dense training"
+        what = schedule.describe() if schedule is not None else f"one-shot to {prune.label} after dense training"
         ax_sp.set_title(f"sparsity - {prune.method}: {what}", fontsize=9)
         legend += list(zip(*ax_sp.get_legend_handles_labels()))
     else:
@@ -457,7 +457,7 @@ def plot_layers(subject: Subject, path: Path) -> bool:
     fig.legend(handles=existing + handles, loc="outside lower center", ncols=4, fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     recipe = subject.recipe
-    what = f"{recipe.prune.target} ({recipe.prune.method}, {recipe.prune.granularity})" if recipe.prune else "dense"
+    what = f"{recipe.prune.label} ({recipe.prune.method}, {recipe.prune.granularity})" if recipe.prune else "dense"
     compacted = "compacted" if (_read_json(run_dir / STAGE_DIRS["compact"] / MARKER) or {}).get("compacted") else \
         "dense shapes"
     fig.suptitle(f"kept weights per layer: {_run_id(run_dir)}, {what}, {compacted}", fontsize=10)

@@ -151,7 +151,7 @@ def _run_locked(run_dir: Path, info: dict[str, Any], recipe: Recipe, hooks_for: 
     prune = recipe.prune
     results.start({"run_id": run.run_id, "group_id": run.group, "recipe_hash": info["recipe_hash"],
                    "name": recipe.name, "seed": run.seed, "method": prune.method if prune else "dense",
-                   "model": recipe.model.name, "data": recipe.data.name, "target": prune.target if prune else None,
+                   "model": recipe.model.name, "data": recipe.data.name, "target": prune.label if prune else None,
                    "granularity": prune.granularity if prune else None, "git_commit": info["git_commit"],
                    "run_dir": _relative(run_dir, results.path.parent), "created_at": info["created_at"]})
     emit = events or (lambda stage, event, data: None)

@@ -230,8 +230,11 @@ def _train(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
         model, saved = load_artifact(spec.checkpoint)
         ctx.save_model(model, saved, out)
         return {"checkpoint": spec.checkpoint, "dense_test_acc": ctx.test_accuracy(model)}
+    from prunekit.methods.retraining import RecordRewindPoints
+
     model, mspec = ctx.fresh_model()
-    trainer, result = ctx.fit("train", model, spec, [])
+    rewind = ctx.recipe.rewind_epochs()
+    trainer, result = ctx.fit("train", model, spec, [RecordRewindPoints(rewind)] if rewind else [])
     ctx.save_model(trainer.model, mspec, out)
     # measured like the final model (evaluate.precision), so the two accuracies compare
     return {**ctx.training_summary(trainer, result), "dense_test_acc": ctx.test_accuracy(trainer.model)}
@@ -250,6 +253,14 @@ def _retrain(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any
     if masks is not None:
         structured = mask_granularity(source) in ("filter", "channel")
         hooks.append(EnforceMasks(attach_masks(model, masks, ctx.example_input() if structured else None)))
+    rewind_epoch = ctx.recipe.rewind_epoch()
+    if rewind_epoch is not None:  # weight rewinding: the surviving weights as the original run had them
+        from prunekit.methods.retraining import load_rewind_point, rewind_weights_from_spec
+
+        origin = ctx.recipe.train.checkpoint or ctx.run_dir / STAGE_DIRS["train"]
+        rewind_weights_from_spec(model, load_rewind_point(origin, rewind_epoch), spec)
+        for hook in hooks:  # the tensors coupled to pruned filters (BN, consumer inputs) back to zero
+            hook.sparsifier.enforce()
     trainer, result = ctx.fit("retrain", model, ctx.recipe.retrain, hooks)
     ctx.save_model(trainer.model, spec, out, masks=masks, granularity=mask_granularity(source))
     return ctx.training_summary(trainer, result)
