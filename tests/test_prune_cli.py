@@ -85,3 +85,60 @@ def test_export_writes_a_checked_onnx_file(capsys, tmp_path, trained):
     code, out, err = run_cli(capsys, "export", tmp_path / "p", "--onnx", tmp_path / "m.onnx")
     assert code == 0, err
     assert (tmp_path / "m.onnx").stat().st_size > 1000 and "checked against PyTorch" in out
+
+
+@pytest.fixture(scope="module")
+def resnet20_dir(tmp_path_factory):
+    from prunekit.artifact import ModelSpec, save_artifact
+    from prunekit.models import build_model
+
+    out = tmp_path_factory.mktemp("resnet20")
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10)
+    with torch.no_grad():  # non-trivial BN statistics, so masked BN must really be zeroed to match
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.bias.uniform_(-0.5, 0.5)
+    save_artifact(model, ModelSpec(model="resnet20", num_classes=10, in_channels=3, input_shape=(3, 32, 32),
+                                   data="cifar10"), out)
+    return out
+
+
+RESNET20_B = {"layer1.0.conv1": 6, "layer1.1.conv1": 6, "layer1.2.conv1": 6, "layer2.1.conv1": 22,
+              "layer2.2.conv1": 22, "layer3.1.conv1": 57}
+
+
+@pytest.mark.parametrize("criterion", ["l1", "random"])
+def test_config_prunes_the_configured_counts_masked_or_compacted_alike(capsys, tmp_path, resnet20_dir, criterion):
+    code, out, err = run_cli(capsys, "prune", resnet20_dir, "--config", "resnet20-B", "--criterion", criterion,
+                             "--out", tmp_path / "c")
+    assert code == 0 and f"config=resnet20-B ({criterion})" in out, err
+    compacted, spec = load_artifact(tmp_path / "c")
+    assert {name: len(layer["kept"]) for name, layer in spec.manifest["layers"].items()} == RESNET20_B
+    assert run_cli(capsys, "prune", resnet20_dir, "--config", "resnet20-B", "--criterion", criterion,
+                   "--no-compact", "--out", tmp_path / "m")[0] == 0
+    masks = load_file(tmp_path / "m" / "masks.safetensors")
+    assert {name: int(mask.sum()) for name, mask in masks.items()} == RESNET20_B
+    masked, _ = load_artifact(tmp_path / "m")
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(masked.eval()(x), compacted.eval()(x), rtol=1e-4, atol=1e-4)
+    dense, _ = load_artifact(resnet20_dir)
+    kept = {name: layer["kept"] for name, layer in spec.manifest["layers"].items()}
+    if criterion == "l1":  # the largest L1 norms, as the paper ranks them
+        weight = dict(dense.named_modules())["layer3.1.conv1"].weight
+        top = weight.abs().sum((1, 2, 3)).topk(57).indices.sort().values.tolist()
+        assert kept["layer3.1.conv1"] == top
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "resnet20-B", "--scope", "global"], "--scope: --config fixes the pruned filters"),
+    (["--config", "resnet20-B", "--round-to", "8"], "--round-to: --config fixes"),
+    (["--config", "resnet56-B"], "config: made for ResNet-56"),
+    (["--config", "resnet20-B", "--target", "filters=0.5"], "not allowed with argument"),
+    (["--config", "resnet21-B"], "invalid choice: 'resnet21-B'"),
+])
+def test_bad_config_arguments_are_one_line_errors(capsys, tmp_path, resnet20_dir, args, message):
+    code, _, err = run_cli(capsys, "prune", resnet20_dir, *args, "--out", tmp_path / "o")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

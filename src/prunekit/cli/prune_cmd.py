@@ -1,4 +1,5 @@
-"""``prunekit prune``: one-shot pruning of a saved model to a target with a unit."""
+"""``prunekit prune``: one-shot pruning of a saved model to a target with a unit, or with a
+predefined filter configuration (``--config``, Network Pruning That Matters)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from prunekit.cli.common import console, key_value_table
 from prunekit.cli.parsing import positive_int
 from prunekit.core.granularity import GRANULARITIES
 from prunekit.core.importance import CRITERIA
-from prunekit.core.oneshot import prune_once
+from prunekit.core.oneshot import OneShotResult, prune_once
 from prunekit.errors import UserError
 from prunekit.io import atomic_path, write_json
 from prunekit.measure import count_macs, count_params
 from prunekit.measure.sparsity import weight_sparsity
+from prunekit.methods.filter_configs import FILTER_CONFIGS
 
 MASKS_NAME = "masks.safetensors"
 
@@ -25,7 +27,11 @@ MASKS_NAME = "masks.safetensors"
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("prune", help="prune a saved model once to a target (weights=, filters= or macs=)")
     parser.add_argument("model_dir", type=Path, help="directory with model.json + model.safetensors")
-    parser.add_argument("--target", required=True, help="fraction removed with its unit: weights=0.9, filters=0.5, macs=0.5")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="fraction removed with its unit: weights=0.9, filters=0.5, macs=0.5")
+    what.add_argument("--config", choices=FILTER_CONFIGS.names(), metavar="NAME",
+                      help="a predefined filter configuration instead of a target (METHODS §2.3.1): "
+                           f"{', '.join(FILTER_CONFIGS.names())}; with --criterion l1 or random")
     parser.add_argument("--granularity", default="filter", help=f"one of {', '.join(GRANULARITIES.names())} or nm:N:M")
     parser.add_argument("--criterion", default="l1", help=f"one of {', '.join(CRITERIA.names())}")
     parser.add_argument("--scope", choices=("local", "global"), default="local")
@@ -47,9 +53,15 @@ def run(args: argparse.Namespace) -> int:
                         "(prunekit.core.sparsifier) or l1, l2, random here")
     example = torch.zeros(1, *spec.input_shape)
     macs_before, params_before = count_macs(model, spec.input_shape).total, count_params(model)
-    result = prune_once(model, example, target=args.target, granularity=args.granularity, criterion=args.criterion,
-                        scope=args.scope, round_to=args.round_to, compact_model=not args.no_compact, seed=args.seed)
-    pruning = {"source": str(args.model_dir), "target": args.target, "granularity": args.granularity,
+    if args.config:
+        result = _prune_with_config(model, example, args)
+        label = f"config={args.config} ({args.criterion})"
+    else:
+        result = prune_once(model, example, target=args.target, granularity=args.granularity,
+                            criterion=args.criterion, scope=args.scope, round_to=args.round_to,
+                            compact_model=not args.no_compact, seed=args.seed)
+        label = args.target
+    pruning = {"source": str(args.model_dir), "target": label, "granularity": args.granularity,
                "criterion": args.criterion, "scope": args.scope, "round_to": args.round_to}
     manifest = result.compaction.manifest if result.compaction else None
     if result.compaction is None:
@@ -66,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     save_artifact(model, ModelSpec(**{**spec.__dict__, "metadata": {**spec.metadata, "pruning": pruning}}),
                   args.out, manifest=manifest)
     write_json(args.out / "prune.json", summary)
-    console().print(key_value_table(f"pruned {spec.model} to {args.target}", [
+    console().print(key_value_table(f"pruned {spec.model} to {label}", [
         ("MACs", f"{macs_before:,} -> {macs_after:,} ({macs_after / macs_before:.3f}x)"),
         ("params", f"{params_before:,} -> {params_after:,} ({params_after / params_before:.3f}x)"),
         ("sparsity", sparsity.describe()),
@@ -74,3 +86,31 @@ def run(args: argparse.Namespace) -> int:
         ("saved to", str(args.out)),
     ]))
     return 0
+
+
+def _prune_with_config(model: torch.nn.Module, example: torch.Tensor, args: argparse.Namespace) -> OneShotResult:
+    """Filters chosen by a FILTER_CONFIGS entry: removed (compacted) or masked with their coupled tensors."""
+    from prunekit.core.compaction import compact
+    from prunekit.core.sparsifier import Sparsifier
+    from prunekit.methods.filter_configs import filter_keep
+
+    for flag, value, default in (("--granularity", args.granularity, "filter"), ("--scope", args.scope, "local"),
+                                 ("--round-to", args.round_to, None)):
+        if value != default:
+            raise UserError(f"{flag}: --config fixes the pruned filters and counts; drop {flag}")
+    if args.criterion not in ("l1", "l2", "random"):
+        raise UserError(f"--criterion: --config ranks filters by l1, l2 or random, got {args.criterion!r}")
+    keep = filter_keep(model, args.config, args.criterion, seed=args.seed)
+    if not args.no_compact:
+        return OneShotResult(None, compact(model, keep, example))
+    sparsifier = Sparsifier(model, "filter", layers=sorted(keep), include_first_conv=True)
+    sparsifier.load_state_dict({"masks": {name: _rows(mask, keep[name]) for name, mask in sparsifier.masks().items()},
+                                "generator": sparsifier.generator.get_state()})
+    sparsifier.couple_channels(model, example)
+    return OneShotResult(sparsifier, None)
+
+
+def _rows(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    out[kept] = True
+    return out

@@ -38,7 +38,7 @@ def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor) -> lis
 
 @dataclass
 class OneShotResult:
-    sparsifier: Sparsifier
+    sparsifier: Sparsifier | None  # None when a caller compacts without masks
     compaction: CompactionResult | None
 
 
