@@ -16,7 +16,8 @@
 3. Writes benchmarks/results/nptm/: one JSON per (arm, seed), summary-t<budget>.json,
    table-t<budget>.md, lr-plans-t<budget>.png (the plans as trained) and curves-t<budget>.png.
 
-``--subset N`` (a smoke test on the first N training images) retrains from the committed
+``--summary-only`` summarises the (arm, seed) results already written and trains nothing (seeds
+may then differ between arms; the table says how many each has). ``--subset N`` (a smoke test on the first N training images) retrains from the committed
 checkpoint and keeps its runs and results apart, under runs/nptm/subsetN/ and
 benchmarks/results/nptm/subsetN/.
 """
@@ -160,6 +161,15 @@ def launch_all(args: argparse.Namespace) -> list[dict]:
     return [json.loads(arm_file(c, p, s, args).read_text()) for c, p, s in jobs]
 
 
+def written(args: argparse.Namespace) -> list[dict]:
+    """The (arm, seed) results already on disk for the requested seeds, criteria and plans."""
+    files = [arm_file(c, p, s, args) for s in args.seeds for c in args.criteria for p in args.plans]
+    rows = [json.loads(f.read_text()) for f in files if f.is_file()]
+    if not rows:
+        raise SystemExit(f"--summary-only: no results for these arms and seeds in {results_dir(args)}")
+    return rows
+
+
 def forwarded(args: argparse.Namespace) -> list[str]:
     out = ["--budget", str(args.budget)]
     out += ["--subset", str(args.subset)] if args.subset else []
@@ -180,24 +190,55 @@ def summarise(rows: list[dict], dense: dict, args: argparse.Namespace) -> None:
         std = statistics.stdev(accs) if len(accs) > 1 else None
         mean = statistics.mean(accs)
         arms[f"{criterion}-{plan}"] = {"criterion": criterion, "plan": plan, "mean": mean, "std": std,
-                                       "per_seed": accs, "after_prune": statistics.mean(r["test_acc_after_prune"] for r in group),
+                                       "per_seed": {str(r["seed"]): r["final_test_acc"] for r in group},
+                                       "after_prune": statistics.mean(r["test_acc_after_prune"] for r in group),
                                        "wall_time_s": statistics.mean(r["retrain_wall_time_s"] for r in group)}
         a = arms[f"{criterion}-{plan}"]
         spread = f" ± {100 * std:.2f}" if std is not None else ""
         lines.append(f"| {criterion} | {LABELS[plan]} ({plan}) | {100 * mean:.2f}{spread} % | "
                      f"{100 * (mean - base):+.2f} | {100 * a['after_prune']:.2f} % | {len(accs)} | "
                      f"{a['wall_time_s'] / 60:.1f} min |")
+    paired = paired_differences(arms)
+    if paired:
+        lines += ["", "| comparison (the paper's claim) | mean difference | per seed (same data order) |",
+                  "|---|---|---|"]
+        lines += [f"| {name} | {100 * d['mean']:+.2f} | {', '.join(f's{k}: {100 * v:+.2f}' for k, v in d['per_seed'].items())} |"
+                  for name, d in paired.items()]
     first = rows[0]
     lines += ["", f"Dense ResNet-20 (T = {dense['epochs']} epochs, seed {dense['seed']}): {100 * base:.2f} % "
               f"test accuracy. Pruned (resnet20-B): {first['params'] / first['dense_params']:.3f}x params, "
               f"{first['macs'] / first['dense_macs']:.3f}x MACs ({first['params_removed']:.1%} of params removed)."]
     write_json(results_dir(args) / f"summary-t{args.budget}.json",
-               {"budget": args.budget, "dense": dense, "arms": arms, "runs": rows, "machine": machine_info()})
+               {"budget": args.budget, "dense": dense, "arms": arms, "paired": paired, "runs": rows,
+                "machine": machine_info()})
     with atomic_path(results_dir(args) / f"table-t{args.budget}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     plot_plans(rows, args)
     plot_curves(rows, base, args)
     print("\n".join(lines))
+
+
+PAIRS = {  # (better arm, worse arm) as the paper predicts them
+    "l1: LRW > FT": ("l1-lr_rewind", "l1-finetune"), "l1: SLR > FT": ("l1-scaled_restart", "l1-finetune"),
+    "l1: 1-cycle > FT": ("l1-one_cycle", "l1-finetune"), "l1: 1-cycle >= SLR": ("l1-one_cycle", "l1-scaled_restart"),
+    "l1: SLR ≈ LRW": ("l1-scaled_restart", "l1-lr_rewind"),
+    "random + 1-cycle >= l1 + FT": ("random-one_cycle", "l1-finetune"),
+    "random: 1-cycle > FT": ("random-one_cycle", "random-finetune"),
+}
+
+
+def paired_differences(arms: dict[str, dict]) -> dict[str, dict]:
+    """Accuracy differences of the paper's comparisons over the seeds both arms ran."""
+    out = {}
+    for name, (better, worse) in PAIRS.items():
+        if better not in arms or worse not in arms:
+            continue
+        a, b = arms[better]["per_seed"], arms[worse]["per_seed"]
+        seeds = sorted(set(a) & set(b), key=int)
+        if seeds:
+            diffs = {seed: a[seed] - b[seed] for seed in seeds}
+            out[name] = {"mean": statistics.mean(diffs.values()), "per_seed": diffs}
+    return out
 
 
 def plot_plans(rows: list[dict], args: argparse.Namespace) -> None:
@@ -249,6 +290,8 @@ def main() -> None:
     parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=PLANS + OPTIONAL_PLANS)
     parser.add_argument("--subset", type=int, default=None, help="first N training images (smoke tests)")
     parser.add_argument("--parallel", type=int, default=2, help="arms trained at once (one process each)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="summarise the results already written for these seeds, arms; train nothing")
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
@@ -256,7 +299,7 @@ def main() -> None:
         write_json(arm_file(criterion, plan, seed, args), run_arm(criterion, plan, seed, args))
         return
     dense = ensure_checkpoint(args)
-    summarise(launch_all(args), dense, args)
+    summarise(written(args) if args.summary_only else launch_all(args), dense, args)
 
 
 if __name__ == "__main__":
