@@ -133,3 +133,22 @@ def test_weight_rewind_from_a_checkpoint_without_that_point_is_one_line(capsys, 
     assert err.startswith("prunekit run: error: retrain.lr_plan: weight_rewind with epochs=1 needs the weights "
                           "after original epoch 1"), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_weight_rewinding_a_masked_model_keeps_its_zeros(tmp_path):
+    from exp_helpers import TINY, recipe
+
+    data = recipe(TINY, retrain={"epochs": 1, "optimizer": "adamw", "lr": 1.0e-3, "lr_plan": "weight_rewind",
+                                 "lr_plan_args": {"original_epochs": 2}, "precision": "fp32"})
+    start = StartingWeights()
+    _, row = run(tmp_path, data, hooks_for=lambda stage: [start] if stage == "retrain" else [], name="t.yaml")
+    run_dir = tmp_path / "runs" / row["run_id"]
+    snapshot = load_file(run_dir / "train" / "rewind" / "epoch-0001.safetensors")
+    masks = load_file(run_dir / "prune" / "masks.safetensors")
+    assert masks and sorted(p.name for p in (run_dir / "train" / "rewind").iterdir()) == ["epoch-0001.safetensors"]
+    for name, value in start.state.items():
+        layer = name.rsplit(".", 1)[0]
+        expected = snapshot[name] * masks[layer] if name.endswith("weight") and layer in masks else snapshot[name]
+        assert torch.equal(value, expected), name
+    assert all(int((start.state[f"{layer}.weight"] == 0).sum()) >= int((mask == 0).sum())
+               for layer, mask in masks.items())
