@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 def _prune_with_config(model: torch.nn.Module, example: torch.Tensor, args: argparse.Namespace) -> OneShotResult:
     """Filters chosen by a FILTER_CONFIGS entry: removed (compacted) or masked with their coupled tensors."""
     from prunekit.core.compaction import compact
-    from prunekit.core.sparsifier import Sparsifier
-    from prunekit.methods.filter_configs import filter_keep
+    from prunekit.experiment.stages import attach_masks
+    from prunekit.methods.filter_configs import filter_keep, keep_masks
 
     for flag, value, default in (("--granularity", args.granularity, "filter"), ("--scope", args.scope, "local"),
                                  ("--round-to", args.round_to, None)):
@@ -103,14 +103,4 @@ def _prune_with_config(model: torch.nn.Module, example: torch.Tensor, args: argp
     keep = filter_keep(model, args.config, args.criterion, seed=args.seed)
     if not args.no_compact:
         return OneShotResult(None, compact(model, keep, example))
-    sparsifier = Sparsifier(model, "filter", layers=sorted(keep), include_first_conv=True)
-    sparsifier.load_state_dict({"masks": {name: _rows(mask, keep[name]) for name, mask in sparsifier.masks().items()},
-                                "generator": sparsifier.generator.get_state()})
-    sparsifier.couple_channels(model, example)
-    return OneShotResult(sparsifier, None)
-
-
-def _rows(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(mask, dtype=torch.bool)
-    out[kept] = True
-    return out
+    return OneShotResult(attach_masks(model, keep_masks(model, keep), example), None)

@@ -25,7 +25,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -264,13 +263,9 @@ class FilterConfigPrune(PruneSpec):
             model, manifest = result.model, result.manifest
         else:
             from prunekit.experiment.stages import attach_masks
+            from prunekit.methods.filter_configs import keep_masks
 
-            modules = dict(model.named_modules())
-            masks = {}
-            for name, kept in keep.items():
-                mask = torch.zeros_like(modules[name].weight, dtype=torch.bool)
-                mask[kept] = True
-                masks[name] = mask
+            masks = keep_masks(model, keep)
             attach_masks(model, masks, ctx.example_input())
         ctx.save_model(model, spec, out, masks=masks, manifest=manifest, granularity="filter")
         after = ctx.measure(model)

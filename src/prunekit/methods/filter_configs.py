@@ -184,6 +184,17 @@ def filter_keep(model: nn.Module, config: str | FilterConfig, criterion: str = "
     return keep
 
 
+def keep_masks(model: nn.Module, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight-shaped boolean masks (True = kept) with the rows of the kept filters set."""
+    modules = dict(model.named_modules())
+    masks = {}
+    for name, kept in keep.items():
+        mask = torch.zeros_like(modules[name].weight, dtype=torch.bool)
+        mask[kept] = True
+        masks[name] = mask
+    return masks
+
+
 def prune_filters(model: nn.Module, config: str | FilterConfig, criterion: str = "l1", seed: int = 0, *,
                   example_input: torch.Tensor | None = None, verify: bool = True) -> CompactionResult:
     """Select with :func:`filter_keep` and remove the filters for good (in place); the result's
