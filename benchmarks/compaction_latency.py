@@ -17,6 +17,7 @@ import copy
 import torch
 
 from machine import machine_info
+from prunekit.core.compaction import compact_masked
 from prunekit.core.oneshot import prune_once
 from prunekit.io import write_json
 from prunekit.measure import count_macs
@@ -40,7 +41,9 @@ def main() -> None:
         torch.manual_seed(0)
         dense = build_model(name, num_classes=10 if not name.startswith("tv:") else 1000).eval()
         compacted = copy.deepcopy(dense)
-        prune_once(compacted, torch.zeros(1, *shape), target="macs=0.5", granularity="filter", scope="global")
+        example = torch.zeros(1, *shape)
+        sparsifier = prune_once(compacted, example, target="macs=0.5", granularity="filter", scope="global")
+        compact_masked(compacted, sparsifier.mask_set, example)
         macs_dense, macs_compact = count_macs(dense, shape).total, count_macs(compacted, shape).total
         for batch in (1, 32):
             for precision in ("fp32", "bf16"):

@@ -30,11 +30,10 @@ from torch import nn
 
 from machine import machine_info
 from prunekit.core.schedules import Schedule
-from prunekit.core.sparsifier import Sparsifier
 from prunekit.data import build_data
 from prunekit.experiment.recipe import Recipe, load_recipe
 from prunekit.io import atomic_path, write_json
-from prunekit.methods.gradual import GradualPruning
+from prunekit.methods import MethodContext
 from prunekit.models import build_model
 from prunekit.train import Trainer
 
@@ -60,14 +59,19 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     data = build_data("cifar10", data_dir=args.data_dir, batch_size=128, seed=seed, subset=args.subset)
     torch.manual_seed(seed)
     model = build_model("resnet20", num_classes=data.num_classes)
-    recipe, hooks = arm_recipe(arm, args), []
-    if arm != "dense":
-        sparsifier = Sparsifier(model, seed=seed, **recipe.prune.sparsifier_kwargs())
-        hooks.append(GradualPruning(sparsifier, recipe.prune.sparsity_schedule()))
-    phase = recipe.train if arm == "dense" else recipe.prune.train
+    recipe = arm_recipe(arm, args)
     run_dir = Path("runs/ocp") / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}"
-    trainer = Trainer(model, data.train, data.test, phase.config(seed), hooks=hooks, run_dir=run_dir)
-    result = trainer.fit(resume=True)
+
+    def fit(model, spec, hooks):
+        trainer = Trainer(model, data.train, data.test, spec.config(seed), hooks=hooks, run_dir=run_dir)
+        return trainer, trainer.fit(resume=True)
+
+    if arm == "dense":
+        trainer, result = fit(model, recipe.train, [])
+    else:  # the recipe's method itself, trained in this arm's folder
+        context = MethodContext(seed, tuple(data.input_shape), torch.device("cpu"), fit_fn=fit)
+        pruned = recipe.prune.prune(model, context)
+        trainer, result = pruned.trainer, pruned.training
     conv = [m.weight for m in trainer.model.modules() if isinstance(m, nn.Conv2d)]
     realised = sum(int((w == 0).sum()) for w in conv) / sum(w.numel() for w in conv)
     return {"arm": arm, "seed": seed, "final_test_acc": result.final_test_acc,

@@ -1,9 +1,13 @@
-"""A model on disk without pickles: ``model.json`` (how to rebuild it) + ``model.safetensors``.
+"""The one model format, without pickles: ``model.json`` (how to rebuild it) + ``model.safetensors``.
 
-The JSON names the registered architecture and its arguments, so a fresh process rebuilds
-the module and loads the tensors. A compacted model also carries the manifest of its kept
-channels (:mod:`prunekit.core.manifest`): the dense architecture is built, the same channels
-removed, then the weights loaded.
+The JSON names the registered architecture and its arguments, the model transforms applied to
+it (:mod:`prunekit.core.transforms`: swapped or added layers, replayed in order) and, for a
+compacted model, the manifest of its kept channels (:mod:`prunekit.core.manifest`): loading
+builds the architecture, replays the transforms, removes the same channels, then loads the
+weights. A masked model (zeros in place) also has ``masks.safetensors``
+(:mod:`prunekit.core.masks`), named with its granularity in the JSON; :func:`load_masks` puts
+the masks back on the loaded model. Every writer (CLI or recipe stage) goes through
+:func:`save_artifact`, every reader through :func:`load_artifact`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from prunekit.core.manifest import Manifest, apply_manifest
+from prunekit.core.masks import MaskSet, read_masks
+from prunekit.core.transforms import recorded, replay
 from prunekit.errors import UserError
 from prunekit.io import atomic_path, write_json
 from prunekit.models import build_model
 
 SPEC_NAME = "model.json"
 WEIGHTS_NAME = "model.safetensors"
+MASKS_NAME = "masks.safetensors"
 
 
 @dataclass
@@ -38,19 +45,33 @@ class ModelSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     """Kept channels of a compacted model (``Manifest.to_dict()``); None for a dense one."""
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    """Model transforms applied after building the architecture, in order."""
+    masks: dict[str, Any] | None = None
+    """``{"file": ..., "granularity": ...}`` of a masked model; None when it has no masks."""
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(1, *self.input_shape)
 
 
-def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path,
-                  manifest: Manifest | None = None) -> Path:
-    """Write ``model.safetensors`` then ``model.json`` (the JSON last: its presence marks completeness).
+def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path, *,
+                  manifest: Manifest | None = None, masks: MaskSet | None = None) -> Path:
+    """Write the weights (+ ``masks``), then ``model.json`` (last: its presence marks completeness).
 
-    Pass the ``manifest`` of a compacted model (it goes into ``model.json``).
+    Pass the ``manifest`` of a model compacted here (it is composed with one the spec already
+    has); the transforms recorded on ``model`` go into ``model.json``.
     """
     directory = Path(directory)
-    if manifest is not None:
-        spec = replace(spec, manifest=manifest.to_dict())
+    model = model.to("cpu")
+    if manifest is not None and spec.manifest is not None:
+        manifest = Manifest.from_dict(spec.manifest).then(manifest)
+    spec = replace(spec, transforms=recorded(model),
+                   manifest=manifest.to_dict() if manifest is not None else spec.manifest,
+                   masks={"file": MASKS_NAME, "granularity": masks.granularity.name} if masks else None)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), force_contiguous=True)
+    if masks:
+        masks.save(directory / MASKS_NAME)
     write_json(directory / SPEC_NAME, asdict(spec))
     return directory
 
@@ -67,9 +88,12 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ModelSpec]:
         spec = ModelSpec(**{**raw, "input_shape": tuple(raw["input_shape"])})
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"model: {str(spec_path)!r} is not a valid model spec ({exc})") from None
-    model = build_model(spec.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if spec.transforms:
+        import prunekit.methods  # noqa: F401  (the methods import the modules that register transforms)
+    model = replay(build_model(spec.model, num_classes=spec.num_classes, in_channels=spec.in_channels),
+                   spec.transforms)
     if spec.manifest is not None:
-        apply_manifest(model, Manifest.from_dict(spec.manifest), torch.zeros(1, *spec.input_shape))
+        apply_manifest(model, Manifest.from_dict(spec.manifest), spec.example_input())
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -78,3 +102,12 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ModelSpec]:
         raise UserError(f"model: weights in {str(directory)!r} do not fit {spec.model!r} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return model, spec
+
+
+def load_masks(model: nn.Module, spec: ModelSpec, directory: str | Path) -> MaskSet | None:
+    """The saved masks of a masked model, attached to ``model`` (loaded from ``directory``) and
+    enforced; filter masks are coupled again. None for a model without masks."""
+    if spec.masks is None:
+        return None
+    masks, granularity = read_masks(Path(directory) / spec.masks.get("file", MASKS_NAME))
+    return MaskSet.attach(model, masks, granularity, spec.example_input())

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.core.importance import CRITERIA, LayerView, MovementScores, batchnorm_scales, taylor_evidence
+from prunekit.core.importance import CRITERIA, LayerView, batchnorm_scales, taylor_evidence
 from prunekit.core.selection import keep_count
-from prunekit.core.sparsifier import EnforceMasks, Sparsifier, select_layers
+from prunekit.core.layers import select_layers
+from prunekit.core.sparsifier import Sparsifier
+from prunekit.train.masking import EnforceMasks, MovementScores
 from prunekit.errors import UserError
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from prunekit.experiment.recipe import load_recipe
+from prunekit.methods import plugins_for
 from prunekit.train.lr_plans import build_lr_plan, epoch_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,7 @@ def test_dense_recipe_is_the_compressed_step_schedule():
     lrs = [row["lr"] for row in epoch_table(plan, STEPS)]
     assert lrs == pytest.approx([0.1] * 15 + [0.01] * 7 + [0.001] * 8, rel=1e-12)
     assert (dense.train.momentum, dense.train.nesterov, dense.train.weight_decay) == (0.9, False, 1e-4)
-    assert dense.rewind_epochs() == [15, 20, 22]
+    assert dense.train.rewind_points == [15, 20, 22]
 
 
 @pytest.mark.parametrize("plan", sorted(EXPECTED))
@@ -79,5 +80,5 @@ def test_arms_share_everything_but_the_lr_plan(plan):
 
 def test_weight_rewind_arm_finds_its_rewind_point_in_the_checkpoint():
     recipe = arm("weight_rewind")
-    assert recipe.rewind_epoch() == 20
+    assert plugins_for(recipe)[-1].epoch == 20
     assert (ROOT / recipe.train.checkpoint / "rewind" / "epoch-0020.safetensors").is_file()

@@ -8,7 +8,7 @@ from torch import nn
 
 from prunekit.errors import UserError
 from prunekit.measure import count_params
-from prunekit.methods.filter_configs import (FILTER_CONFIGS, ResNetConfig, conv_ids, filter_keep, global_magnitude,
+from prunekit.methods.filter_config import (FILTER_CONFIGS, ResNetConfig, conv_ids, filter_keep, global_magnitude,
                                              kept_counts, prune_filters)
 from prunekit.models import build_model
 

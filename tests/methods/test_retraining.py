@@ -11,7 +11,7 @@ from torch import nn
 from prunekit.artifact import ModelSpec, load_artifact, save_artifact
 from prunekit.data import TensorLoader
 from prunekit.errors import UserError
-from prunekit.methods.filter_configs import global_magnitude, prune_filters
+from prunekit.methods.filter_config import global_magnitude, prune_filters
 from prunekit.methods.retraining import (RecordRewindPoints, load_rewind_point, rewind_epochs, rewind_point_path,
                                          rewind_weights, rewind_weights_from_spec, save_rewind_point)
 from prunekit.models import build_model

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from prunekit.cli.common import add_device_argument, console
 from prunekit.cli.parsing import fraction, positive_int
+from prunekit.core.compaction import compact_masked
 from prunekit.core.oneshot import prune_once
 from prunekit.data import build_data
 from prunekit.measure import count_macs, count_params
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     out.print(f"2/3 removing {args.remove:.0%} of the filters of every conv (L1 norm) and compacting")
     example = torch.zeros(1, *data.input_shape, device=trainer.device)
-    prune_once(trainer.model, example, target=f"filters={args.remove}", granularity="filter", scope="local")
+    sparsifier = prune_once(trainer.model, example, target=f"filters={args.remove}", granularity="filter")
+    compact_masked(trainer.model, sparsifier.mask_set, example)
     rows.append(_measure("pruned, no fine-tune", trainer, data))
 
     out.print(f"3/3 fine-tuning the compacted model ({args.finetune_epochs} epochs)")

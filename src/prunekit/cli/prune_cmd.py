@@ -1,106 +1,160 @@
-"""``prunekit prune``: one-shot pruning of a saved model to a target with a unit, or with a
-predefined filter configuration (``--config``, Network Pruning That Matters)."""
+"""``prunekit prune``: prune a saved model with any registered method, as a recipe's prune stage would.
+
+The flags are generated from the methods' schemas (every key of every ``prune`` section is a
+``--key``; ``--set KEY=VALUE`` reaches nested keys), the section they build is validated by
+the same code as a recipe's, and the same prune stage (:func:`prunekit.methods.run_prune`)
+measures, prunes, compacts and saves. ``--method`` may be left out when the given keys fit
+exactly one method.
+"""
 
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
-from prunekit.artifact import ModelSpec, load_artifact, save_artifact
-from prunekit.cli.common import console, key_value_table
-from prunekit.cli.parsing import positive_int
-from prunekit.core.granularity import GRANULARITIES
-from prunekit.core.importance import CRITERIA
-from prunekit.core.oneshot import OneShotResult, prune_once
+from prunekit.artifact import load_artifact
+from prunekit.cli.common import add_device_argument, console, key_value_table
+from prunekit.device import resolve_device
 from prunekit.errors import UserError
-from prunekit.io import atomic_path, write_json
-from prunekit.measure import count_macs, count_params
-from prunekit.measure.sparsity import weight_sparsity
-from prunekit.methods.filter_configs import FILTER_CONFIGS
+from prunekit.experiment.recipe import RecipeError, apply_overrides, parse_yaml, validate_prune
+from prunekit.io import write_json
+from prunekit.methods import METHODS, MethodContext, run_prune
 
-MASKS_NAME = "masks.safetensors"
+KEY = "key:"
+"""Prefix of the argparse destinations that hold method keys."""
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("prune", help="prune a saved model once to a target (weights=, filters= or macs=)")
+    parser = commands.add_parser("prune", help="prune a saved model with a method (weights=, filters=, macs= or its own keys)")
     parser.add_argument("model_dir", type=Path, help="directory with model.json + model.safetensors")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--target", help="fraction removed with its unit: weights=0.9, filters=0.5, macs=0.5")
-    what.add_argument("--config", choices=FILTER_CONFIGS.names(), metavar="NAME",
-                      help="a predefined filter configuration instead of a target (METHODS §2.3.1): "
-                           f"{', '.join(FILTER_CONFIGS.names())}; with --criterion l1 or random")
-    parser.add_argument("--granularity", default="filter", help=f"one of {', '.join(GRANULARITIES.names())} or nm:N:M")
-    parser.add_argument("--criterion", default="l1", help=f"one of {', '.join(CRITERIA.names())}")
-    parser.add_argument("--scope", choices=("local", "global"), default="local")
-    parser.add_argument("--round-to", type=positive_int, default=None, help="kept filters per layer a multiple of N")
+    parser.add_argument("--method", default=argparse.SUPPRESS,
+                        help=f"one of {', '.join(METHODS.names())} (default: the one the given keys fit)")
+    keys = parser.add_argument_group("method keys (the recipe's prune section; see docs/recipes.md)")
+    for name, (annotation, owners) in _method_keys().items():
+        flag = "--" + name.replace("_", "-")
+        where = f"key of {', '.join(owners)}"
+        if annotation is bool:
+            keys.add_argument(flag, dest=KEY + name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                              help=where)
+        else:
+            keys.add_argument(flag, dest=KEY + name, type=_yaml_value(flag), default=argparse.SUPPRESS,
+                              metavar="VALUE", help=f"{where} (YAML)")
+    keys.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="any key of the method's section, nested ones too (schedule.name=agp)")
     parser.add_argument("--no-compact", action="store_true", help="keep pruned filters as zeros (compact later)")
-    parser.add_argument("--seed", type=int, default=0, help="for the random criterion")
+    parser.add_argument("--seed", type=int, default=0, help="for random scores")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the model's data set is: measures accuracy right after pruning (and is "
+                             "needed by methods that train or look at data)")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="directory for the pruned model")
     parser.set_defaults(run=run)
+
+
+def _method_keys() -> dict[str, tuple[Any, list[str]]]:
+    """Every key of every registered method's section (but ``method``): its type and the methods."""
+    keys: dict[str, tuple[Any, list[str]]] = {}
+    for name in METHODS:
+        for key, field in METHODS.get(name).model_fields.items():
+            if key != "method":
+                keys.setdefault(key, (_plain(field.annotation), []))[1].append(name)
+    return keys
+
+
+def _plain(annotation: Any) -> Any:
+    """``bool`` for ``bool`` and ``bool | None``; the annotation otherwise."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return bool if annotation is bool or args == [bool] else annotation
+
+
+def _yaml_value(flag: str):
+    def parse(text: str) -> Any:
+        try:
+            return parse_yaml(text, flag)
+        except RecipeError as exc:
+            raise argparse.ArgumentTypeError(exc.problems[0].message) from None
+
+    return parse
+
+
+def section(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``prune`` section the flags describe (``method`` inferred when not given)."""
+    given = {dest[len(KEY):]: value for dest, value in vars(args).items() if dest.startswith(KEY)}
+    problems = apply_overrides(given, args.set)
+    if problems:
+        raise RecipeError(problems)
+    method = getattr(args, "method", None) or _infer_method(given)
+    return {"method": method, **given}
+
+
+def _infer_method(given: dict[str, Any]) -> str:
+    fits = [name for name in METHODS
+            if set(given) <= set(fields := METHODS.get(name).model_fields)
+            and all(key in given for key, f in fields.items() if f.is_required() and key != "method")]
+    if len(fits) != 1:
+        which = f"they fit {', '.join(fits)}" if fits else "no method takes exactly these keys"
+        raise UserError(f"--method: name the method ({', '.join(METHODS.names())}); {which}")
+    return fits[0]
+
+
+def _flag_wording(error: RecipeError) -> UserError:
+    """``prune.round_to: ...`` -> ``--round-to: ...``."""
+    lines = []
+    for problem in error.problems:
+        key = problem.path.removeprefix("prune.").removeprefix("prune")
+        flag = "--" + key.split(".")[0].replace("_", "-") if key else "--method"
+        lines.append(f"{flag}: {problem.message}" if "." not in key else f"--set {key}: {problem.message}")
+    return UserError("\n".join(lines))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out.resolve() == args.model_dir.resolve():
         raise UserError("--out: must differ from the input model directory")
+    try:
+        method = validate_prune(section(args))
+    except RecipeError as exc:
+        raise _flag_wording(exc) from None
     model, spec = load_artifact(args.model_dir)
-    if spec.manifest is not None:
-        raise UserError(f"model: {str(args.model_dir)!r} is already compacted; prune its dense checkpoint")
-    if args.criterion in ("taylor", "movement", "bn_scale"):
-        raise UserError(f"--criterion: {args.criterion} needs data or training; use the library API "
-                        "(prunekit.core.sparsifier) or l1, l2, random here")
-    example = torch.zeros(1, *spec.input_shape)
-    macs_before, params_before = count_macs(model, spec.input_shape).total, count_params(model)
-    if args.config:
-        result = _prune_with_config(model, example, args)
-        label = f"config={args.config} ({args.criterion})"
-    else:
-        result = prune_once(model, example, target=args.target, granularity=args.granularity,
-                            criterion=args.criterion, scope=args.scope, round_to=args.round_to,
-                            compact_model=not args.no_compact, seed=args.seed)
-        label = args.target
-    pruning = {"source": str(args.model_dir), "target": label, "granularity": args.granularity,
-               "criterion": args.criterion, "scope": args.scope, "round_to": args.round_to}
-    manifest = result.compaction.manifest if result.compaction else None
-    if result.compaction is None:
-        unit_masks = result.sparsifier.unit_masks()
-        result.sparsifier.squash()
-        with atomic_path(args.out / MASKS_NAME) as tmp:
-            save_file({name: mask.to(torch.uint8).contiguous() for name, mask in unit_masks.items()}, str(tmp))
-    macs_after, params_after = count_macs(model, spec.input_shape).total, count_params(model)
-    sparsity = weight_sparsity(model, covers="conv")
-    summary = {**pruning, "compacted": result.compaction is not None,
-               "macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
-               "params_after": params_after, "conv_weight_sparsity": sparsity.fraction,
-               "sparsity_covers": sparsity.describe()}
-    save_artifact(model, ModelSpec(**{**spec.__dict__, "metadata": {**spec.metadata, "pruning": pruning}}),
-                  args.out, manifest=manifest)
+    ctx = MethodContext(args.seed, tuple(spec.input_shape), resolve_device(args.device),
+                        data_factory=_data_factory(spec, args) if args.data_dir is not None else None,
+                        fit_fn=_fit_fn(spec, args))
+    summary = {"source": str(args.model_dir), **run_prune(method, model, spec, ctx, args.out,
+                                                          compact=not args.no_compact)}
     write_json(args.out / "prune.json", summary)
-    console().print(key_value_table(f"pruned {spec.model} to {label}", [
-        ("MACs", f"{macs_before:,} -> {macs_after:,} ({macs_after / macs_before:.3f}x)"),
-        ("params", f"{params_before:,} -> {params_after:,} ({params_after / params_before:.3f}x)"),
-        ("sparsity", sparsity.describe()),
-        ("compacted", "yes" if result.compaction else "no (zeros in place; masks in masks.safetensors)"),
-        ("saved to", str(args.out)),
-    ]))
+    rows = [("MACs", f"{summary['macs_before']:,} -> {summary['macs_after']:,} "
+                     f"({summary['macs_after'] / summary['macs_before']:.3f}x)"),
+            ("params", f"{summary['params_before']:,} -> {summary['params_after']:,} "
+                       f"({summary['params_after'] / summary['params_before']:.3f}x)")]
+    if "realised_sparsity" in summary:
+        rows.append(("removed", f"{summary['realised_sparsity']:.4f} of the {summary['realised_covers']}"))
+    rows.append(("compacted", "yes" if summary["compacted"] else "no (zeros in place; masks in masks.safetensors)"))
+    if "test_acc_after_prune" in summary:
+        rows.append(("test accuracy right after pruning", f"{summary['test_acc_after_prune']:.4f}"))
+    rows.append(("saved to", str(args.out)))
+    console().print(key_value_table(f"pruned {spec.model} ({method.method}: {method.describe()['target']})", rows))
     return 0
 
 
-def _prune_with_config(model: torch.nn.Module, example: torch.Tensor, args: argparse.Namespace) -> OneShotResult:
-    """Filters chosen by a FILTER_CONFIGS entry: removed (compacted) or masked with their coupled tensors."""
-    from prunekit.core.compaction import compact
-    from prunekit.experiment.stages import attach_masks
-    from prunekit.methods.filter_configs import filter_keep, keep_masks
+def _data_factory(spec, args: argparse.Namespace):
+    from prunekit.data import build_data
 
-    for flag, value, default in (("--granularity", args.granularity, "filter"), ("--scope", args.scope, "local"),
-                                 ("--round-to", args.round_to, None)):
-        if value != default:
-            raise UserError(f"{flag}: --config fixes the pruned filters and counts; drop {flag}")
-    if args.criterion not in ("l1", "l2", "random"):
-        raise UserError(f"--criterion: --config ranks filters by l1, l2 or random, got {args.criterion!r}")
-    keep = filter_keep(model, args.config, args.criterion, seed=args.seed)
-    if not args.no_compact:
-        return OneShotResult(None, compact(model, keep, example))
-    return OneShotResult(attach_masks(model, keep_masks(model, keep), example), None)
+    return lambda: build_data(spec.data or "cifar10", data_dir=args.data_dir, seed=args.seed)
+
+
+def _fit_fn(spec, args: argparse.Namespace):
+    """Training for methods that train while pruning: in OUT/training, with a progress bar."""
+    def fit(model, train_spec, hooks):
+        from prunekit.cli.progress import ProgressHook
+        from prunekit.train.trainer import Trainer
+
+        if args.data_dir is None:
+            raise UserError("--data-dir: this method trains while it prunes; say where the data set is")
+        data = _data_factory(spec, args)()
+        trainer = Trainer(model, data.train, data.test, train_spec.config(args.seed),
+                          hooks=[*hooks, ProgressHook(console())], run_dir=args.out / "training",
+                          device=resolve_device(args.device))
+        return trainer, trainer.fit(resume=True)
+
+    return fit

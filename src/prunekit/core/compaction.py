@@ -16,6 +16,7 @@ from torch import nn
 
 from prunekit.core.groups import ChannelGroup, channel_groups, dependency_graph, group_masks
 from prunekit.core.manifest import Manifest
+from prunekit.core.masks import MaskSet
 from prunekit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,15 @@ def compact(model: nn.Module, keep: dict[str, torch.Tensor], example_input: torc
     diff = _verify(model, probe, reference, atol) if reference is not None else None
     manifest = Manifest({g.root: g.channels for g, _ in plan}, {g.root: tuple(k.tolist()) for g, k in plan})
     return CompactionResult(model, manifest, optimizer, diff)
+
+
+def compact_masked(model: nn.Module, masks: MaskSet, example_input: torch.Tensor, *,
+                   optimizer: torch.optim.Optimizer | None = None) -> CompactionResult:
+    """Remove the filters a filter :class:`~prunekit.core.masks.MaskSet` pruned (the masks are
+    applied and dropped first); see :func:`compact`."""
+    keep = masks.keep_indices()
+    masks.squash()
+    return compact(model, keep, example_input, optimizer=optimizer)
 
 
 def remove_output_channels(model: nn.Module, keep: dict[str, torch.Tensor],

@@ -6,7 +6,7 @@ your own with ``@CRITERIA.register("name")``. Criteria that need data read
 ``LayerView.evidence``, gathered beforehand by the helpers here:
 
 * ``taylor``: evidence from :func:`taylor_evidence` (mean |w·∂L/∂w| over a few batches).
-* ``movement``: evidence from the :class:`MovementScores` training hook.
+* ``movement``: evidence from the :class:`~prunekit.train.masking.MovementScores` training hook.
 * ``bn_scale``: evidence from :func:`batchnorm_scales` (γ of the BN after each conv).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,10 +23,6 @@ from prunekit.core.granularity import Filter, Granularity
 from prunekit.errors import UserError
 from prunekit.registry import Registry
 from prunekit.tracing import probe_forward
-from prunekit.train.hooks import Hook
-
-if TYPE_CHECKING:
-    from prunekit.train.trainer import Trainer
 
 _FILTER = Filter()
 
@@ -96,6 +92,23 @@ def get_criterion(spec: str | Criterion) -> Criterion:
     return spec if callable(spec) else CRITERIA.get(spec)
 
 
+def score_units(layers: Mapping[str, nn.Module], criterion: str | Criterion, granularity: Granularity,
+                generator: torch.Generator | None = None, evidence: Mapping[str, torch.Tensor] | None = None,
+                alive: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One float score per unit of every layer; units not ``alive`` (unit masks) score ``-inf``."""
+    score = get_criterion(criterion)
+    out = {}
+    for name, layer in layers.items():
+        view = LayerView(name, layer.weight, None if evidence is None else evidence.get(name), generator)
+        scores = score(view, granularity).float()
+        expected = granularity.reduce(layer.weight.detach()).shape
+        if scores.shape != expected:
+            raise UserError(f"criterion: returned shape {tuple(scores.shape)} for layer {name!r}, "
+                            f"expected {tuple(expected)} (one score per {granularity.name})")
+        out[name] = scores.masked_fill(~alive[name], float("-inf")) if alive is not None else scores
+    return out
+
+
 def l1_filter_scores(weight: torch.Tensor) -> torch.Tensor:
     """Sum of |w| over everything but the output-channel dimension (PFEC, Li et al. 2017)."""
     return l1(LayerView("", weight), _FILTER)
@@ -121,41 +134,6 @@ def taylor_evidence(layers: Mapping[str, nn.Module], batches: Iterable[Any],
     if count == 0:
         raise UserError("batches: taylor_evidence needs at least one batch")
     return {name: total.div_(count) for name, total in zip(layers, totals)}
-
-
-class MovementScores(Hook):
-    """Accumulates movement scores −w·∂L/∂w before every optimizer step (Sanh et al. 2020).
-
-    The learning-rate factor of the paper's definition is left out: it scales every score alike.
-    Pass ``hook.evidence`` to ``Sparsifier.update``.
-    """
-
-    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
-        self.layers = dict(layers)
-        self.scores: dict[str, torch.Tensor] = {}
-
-    def accumulate(self) -> None:
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                grad = layer.weight.grad
-                if grad is None:
-                    continue
-                if name not in self.scores:
-                    self.scores[name] = torch.zeros_like(layer.weight, dtype=torch.float32)
-                self.scores[name].addcmul_(layer.weight, grad, value=-1)
-
-    def before_optimizer_step(self, trainer: Trainer) -> None:
-        self.accumulate()
-
-    @property
-    def evidence(self) -> dict[str, torch.Tensor]:
-        return dict(self.scores)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scores": {name: s.cpu() for name, s in self.scores.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scores = {name: s.to(self.layers[name].weight.device) for name, s in state["scores"].items()}
 
 
 def batchnorm_scales(model: nn.Module, layers: Mapping[str, nn.Module],

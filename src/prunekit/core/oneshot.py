@@ -1,19 +1,18 @@
-"""One-shot pruning of a model: pick layers, score, select to a target, optionally compact.
+"""One-shot pruning of a model to a target: pick layers, score, select, apply the masks.
 
-The pieces (Sparsifier, channel groups, compaction) stay independent; this module only wires
-them for the common "prune this checkpoint to that target" job the CLI and methods share.
+The pieces (layers, scores, plans, masks, channel groups) stay independent; this module only
+wires them for the common "prune this model once to that target" job. Removing the pruned
+filters for good is :func:`prunekit.core.compaction.compact_masked`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.core.compaction import CompactionResult, compact
-from prunekit.core.groups import channel_groups
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.core.targets import compacted_macs, parse_target
 from prunekit.errors import UserError
@@ -28,6 +27,8 @@ def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor) -> lis
     LayerNorm across channels) is left out, so residual widths of such models stay whole. Each
     group is ranked by its root layer's filters.
     """
+    from prunekit.core.groups import channel_groups  # Torch-Pruning only when asked for
+
     classifier = next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
     groups = channel_groups(model, example_input)
     for group in groups:
@@ -36,64 +37,28 @@ def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor) -> lis
     return [g.root for g in groups if not g.blocked and classifier not in g.out_layers]
 
 
-@dataclass
-class OneShotResult:
-    sparsifier: Sparsifier | None  # None when a caller compacts without masks
-    compaction: CompactionResult | None
-
-
 def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, granularity: str = "filter",
                criterion: str = "l1", scope: str = "local", round_to: int | None = None,
-               compact_model: bool = True, seed: int = 0) -> OneShotResult:
-    """Prune ``model`` in place to ``target`` (``weights=…``, ``filters=…`` or ``macs=…``).
+               seed: int = 0, **layer_choice: Any) -> Sparsifier:
+    """Mask ``model`` in place to ``target`` (``weights=…``, ``filters=…`` or ``macs=…``); the Sparsifier.
 
-    Filter granularity prunes the removable channel groups and, with ``compact_model``,
-    physically removes them (the compacted model is checked against the masked one). In global
-    scope filter scores are divided by their layer's mean first: raw L1 sums grow with fan-in,
-    so unnormalised they would empty thin layers such as the stem. Other granularities prune
-    every conv (the classifier stays dense) and leave zeros in place.
+    Filter granularity prunes the removable channel groups (in global scope filter scores are
+    divided by their layer's mean first: raw L1 sums grow with fan-in, so unnormalised they
+    would empty thin layers such as the stem). Other granularities leave zeros in place in the
+    layers ``layer_choice`` selects (:func:`~prunekit.core.layers.select_layers` arguments;
+    by default every Conv2d and Linear but the classifier).
     """
     parsed = parse_target(target)
-    structured = granularity in ("filter", "channel")
     if parsed.unit == "macs" and granularity != "filter":
-        raise UserError(f"target: {parsed} needs --granularity filter (removing weights saves no MACs)")
-    if structured:
+        raise UserError(f"target: {parsed} needs granularity filter (removing weights saves no MACs)")
+    if granularity in ("filter", "channel"):
         layers = filter_prunable_layers(model, example_input)
         if not layers:
-            raise UserError("model: no channel group of this model can be removed")
+            raise UserError(f"model: no channel group of this {type(model).__name__} can be removed")
         macs_of = compacted_macs(model, example_input) if parsed.unit == "macs" else None
         sparsifier = Sparsifier(model, granularity, criterion, scope, layers, round_to=round_to,
                                 macs_of=macs_of, normalize=scope == "global", seed=seed)
-        if parsed.unit == "macs" and scope == "local":
-            parsed = uniform_fraction_for_macs(sparsifier, parsed.fraction, macs_of)
     else:
-        sparsifier = Sparsifier(model, granularity, criterion, scope, types=(nn.Conv2d,), seed=seed)
-    if structured and not compact_model:
-        sparsifier.couple_channels(model, example_input)  # the zeros then compute what removal will
+        sparsifier = Sparsifier(model, granularity, criterion, scope, seed=seed, **layer_choice)
     sparsifier.update(parsed)
-    if not (structured and compact_model):
-        return OneShotResult(sparsifier, None)
-    keep = {name: mask.nonzero().flatten() for name, mask in sparsifier.unit_masks().items()}
-    sparsifier.squash()
-    return OneShotResult(sparsifier, compact(model, keep, example_input))
-
-
-def uniform_fraction_for_macs(sparsifier: Sparsifier, fraction: float, macs_of, steps: int = 20) -> float:
-    """The smallest per-layer filter fraction whose masks remove at least ``fraction`` of the MACs.
-
-    Local scope with a MACs target: every layer loses the same share of its filters (rounded by
-    the sparsifier's ``round_to``), found by bisection on that share; masks are only planned,
-    never applied, during the search.
-    """
-    def macs(share: float) -> int:
-        return macs_of(sparsifier.plan(share))
-
-    budget = (1 - fraction) * macs(0.0)
-    low, high = 0.0, 1.0
-    for _ in range(steps):
-        mid = (low + high) / 2
-        low, high = (low, mid) if macs(mid) <= budget else (mid, high)
-    if macs(high) > budget:
-        raise UserError(f"target: macs={fraction:g} is out of reach with the same share of filters per layer")
-    log.info("macs target %g met by removing %.4f of the filters of every layer", fraction, high)
-    return high
+    return sparsifier

@@ -6,10 +6,9 @@ and reports. See ``docs/recipes.md``.
     resume("runs/NAME-DIGEST/s0")              # continue after a crash or a kill
 """
 
-from prunekit.experiment.methods import PRUNE_METHODS, PruneSpec
 from prunekit.experiment.recipe import Problem, Recipe, RecipeError, load_recipe, validate_recipe
 from prunekit.experiment.runner import resume, run_one, run_recipe
 from prunekit.experiment.store import ResultsStore
 
-__all__ = ["PRUNE_METHODS", "Problem", "PruneSpec", "Recipe", "RecipeError", "ResultsStore", "load_recipe",
+__all__ = ["Problem", "Recipe", "RecipeError", "ResultsStore", "load_recipe",
            "resume", "run_one", "run_recipe", "validate_recipe"]

@@ -2,9 +2,11 @@
 
 :func:`load_recipe` reads the YAML, applies ``--set key.path=value`` overrides (values parsed as
 YAML scalars), and validates everything: unknown keys (with a "did you mean"), types, ranges,
-names (model, data set, method, criterion, schedules, LR plans), target units, that the data
-directory holds the data, that a start checkpoint exists. Every problem becomes one
-:class:`Problem` naming its key path; all of them are raised together as :class:`RecipeError`.
+names (model, data set, method, criterion, schedules, LR plans), target units. The schema only
+describes: what needs the filesystem (that the data directory holds the data, that a start
+checkpoint exists and fits, what the recipe's plug-ins need on disk) is checked afterwards by
+:func:`preflight`, still before anything runs. Every problem becomes one :class:`Problem`
+naming its key path; all of them are raised together as :class:`RecipeError`.
 
 A validated :class:`Recipe` dumps itself fully resolved (defaults filled in) with
 :meth:`Recipe.to_yaml`; loading that dump gives the same recipe and the same :meth:`Recipe.digest`.
@@ -28,8 +30,8 @@ from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_va
 from prunekit.data import DATASETS
 from prunekit.data.cifar import CIFAR10, CIFAR100, resolve_data_dir
 from prunekit.errors import UserError
-from prunekit.experiment.methods import PRUNE_METHODS, PruneSpec
-from prunekit.experiment.schema import NonNegativeInt, PositiveInt, Section, TrainSpec
+from prunekit.methods import METHODS, Method, plugins_for, validate_method
+from prunekit.schema import NonNegativeInt, PositiveInt, Section, TrainSpec
 from prunekit.models import MODELS, TV_PREFIX
 
 LOGGERS = ("tensorboard", "mlflow")
@@ -88,29 +90,6 @@ class DataSection(Section):
             raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS.names())}")
         return name
 
-    @model_validator(mode="after")
-    def _data_present(self) -> DataSection:
-        if self.name == "digits":
-            return self
-        where = "data_dir" if self.data_dir else "data_dir (unset: $PRUNEKIT_DATA or ./data)"
-        root = resolve_data_dir(self.data_dir)
-        if self.name == "imagefolder":
-            missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-            if missing:
-                raise ValueError(f"{where}: {str(root)!r} has no {' or '.join(missing)} folder "
-                                 "(imagefolder expects ROOT/train and ROOT/val)")
-            return self
-        spec = {"cifar10": CIFAR10, "cifar100": CIFAR100}.get(self.name)
-        if spec is None or self.download:
-            return self
-        if not root.is_dir():
-            raise ValueError(f"{where}: {str(root)!r} does not exist (or set data.download: true)")
-        files = spec.train_files + spec.test_files
-        if not any(all((folder / f).is_file() for f in files) for folder in (root, root / spec.folder)):
-            raise ValueError(f"{where}: {str(root)!r} holds no complete {spec.folder} "
-                             "(or set data.download: true)")
-        return self
-
 
 class TrainSection(TrainSpec):
     """Dense training, or ``checkpoint:`` a saved model directory to start from instead.
@@ -138,16 +117,6 @@ class TrainSection(TrainSpec):
         if others:
             raise ValueError(f"checkpoint: skips dense training, so it cannot be combined with "
                              f"{', '.join(others)}")
-        spec = Path(self.checkpoint) / "model.json"
-        if not spec.is_file():
-            raise ValueError(f"checkpoint: {self.checkpoint!r} has no model.json (expected a directory "
-                             "written by prunekit train or a run's train/ stage)")
-        try:
-            saved = json.loads(spec.read_text())
-        except ValueError:
-            raise ValueError(f"checkpoint: {str(spec)!r} is not valid JSON") from None
-        if saved.get("manifest"):
-            raise ValueError(f"checkpoint: {self.checkpoint!r} is already compacted; start from its dense model")
         return self
 
 
@@ -160,16 +129,6 @@ class EvaluateSection(Section):
 class ExportSection(Section):
     onnx: bool = False
 
-    @field_validator("onnx")
-    @classmethod
-    def _installed(cls, onnx: bool) -> bool:
-        import importlib.util
-
-        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-        if onnx and missing:
-            raise ValueError(f"needs {', '.join(missing)}; pip install 'prunekit[onnx]'")
-        return onnx
-
 
 class Recipe(Section):
     """A whole experiment. Sections run as stages: train → prune → retrain → compact → evaluate → export."""
@@ -180,7 +139,7 @@ class Recipe(Section):
     seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0])
     device: str = "auto"
     train: TrainSection | None = None
-    prune: SerializeAsAny[PruneSpec] | None = None
+    prune: SerializeAsAny[Method] | None = None
     retrain: TrainSpec | None = None
     compact: bool = True
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
@@ -227,55 +186,13 @@ class Recipe(Section):
     @field_validator("prune", mode="before")
     @classmethod
     def _method(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        if "method" not in value:
-            raise ValueError(f"method: required key is missing; known: {', '.join(PRUNE_METHODS.names())}")
-        method = value["method"]
-        if not isinstance(method, str) or method not in PRUNE_METHODS:
-            raise ValueError(f"method: unknown pruning method {method!r}; known: {', '.join(PRUNE_METHODS.names())}")
-        return PRUNE_METHODS.get(method).model_validate(value)
+        return validate_method(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         if self.retrain is not None and self.prune is None:
             raise ValueError("retrain: needs a prune section (retraining fine-tunes the pruned model)")
-        if self.train is not None and self.train.checkpoint:
-            saved = json.loads((Path(self.train.checkpoint) / "model.json").read_text())
-            if saved.get("model") != self.model.name:
-                raise ValueError(f"train.checkpoint: holds a {saved.get('model')!r} model, but model.name is "
-                                 f"{self.model.name!r}")
-        if self.retrain is not None and self.retrain.lr_plan in ("lr_rewind", "weight_rewind"):
-            self._check_rewinding()
         return self
-
-    def _check_rewinding(self) -> None:
-        """A rewinding plan replays the original run: its T must be the dense training's, and
-        weight rewinding needs the weights saved after epoch T − t."""
-        from prunekit.methods.retraining import REWIND_DIR, rewind_point_path
-
-        retrain, train = self.retrain, self.train
-        original = retrain.lr_plan_args.get("original_epochs")
-        if train is not None and not train.checkpoint and original != train.epochs:
-            raise ValueError(f"retrain.lr_plan_args.original_epochs: expected {train.epochs} (train.epochs: the "
-                             f"original run it replays), got {original!r}")
-        if retrain.lr_plan != "weight_rewind":
-            return
-        if train is None:
-            raise ValueError("retrain.lr_plan: weight_rewind needs the original training (a train section, or "
-                             "train.checkpoint with its rewind/ points)")
-        if train.checkpoint:
-            point = rewind_point_path(Path(train.checkpoint) / REWIND_DIR, original - retrain.epochs)
-            if not point.is_file():
-                raise ValueError(f"retrain.lr_plan: weight_rewind with epochs={retrain.epochs} needs the weights "
-                                 f"after original epoch {original - retrain.epochs}, but {str(point)!r} does not "
-                                 "exist (train with train.rewind_points to keep them)")
-
-    def rewind_epoch(self) -> int | None:
-        """The original epoch a ``weight_rewind`` retraining restarts from (None: it does not rewind)."""
-        if self.retrain is None or self.retrain.lr_plan != "weight_rewind":
-            return None
-        return self.retrain.lr_plan_args["original_epochs"] - self.retrain.epochs
 
     # ------------------------------------------------------------------ views
     def resolved(self) -> dict[str, Any]:
@@ -300,16 +217,6 @@ class Recipe(Section):
     def with_seed(self, seed: int) -> Recipe:
         return self.model_copy(update={"seeds": [seed]})
 
-    def rewind_epochs(self) -> list[int]:
-        """Original epochs whose weights the train stage saves: ``train.rewind_points`` plus T − t
-        when ``retrain`` rewinds weights (t its epochs, T the dense training's)."""
-        if self.train is None or self.train.checkpoint:
-            return []
-        epochs = set(self.train.rewind_points)
-        if self.rewind_epoch() is not None:
-            epochs.add(self.rewind_epoch())
-        return sorted(epochs)
-
     def phases(self) -> list[tuple[str, TrainSpec]]:
         """The training phases in order, as (stage, spec): what the LR-plan plot draws."""
         out: list[tuple[str, TrainSpec]] = []
@@ -320,6 +227,75 @@ class Recipe(Section):
         if self.retrain is not None:
             out.append(("retrain", self.retrain))
         return out
+
+
+# ---------------------------------------------------------------------------- preflight
+def _data_problems(data: DataSection) -> None:
+    """Raise ValueError when the data set is not where the section says."""
+    if data.name == "digits":
+        return
+    root = resolve_data_dir(data.data_dir)
+    unset = "" if data.data_dir else " (data_dir unset: $PRUNEKIT_DATA or ./data)"
+    if data.name == "imagefolder":
+        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            raise ValueError(f"data.data_dir: {str(root)!r} has no {' or '.join(missing)} folder "
+                             f"(imagefolder expects ROOT/train and ROOT/val){unset}")
+        return
+    spec = {"cifar10": CIFAR10, "cifar100": CIFAR100}.get(data.name)
+    if spec is None or data.download:
+        return
+    if not root.is_dir():
+        raise ValueError(f"data.data_dir: {str(root)!r} does not exist{unset} (or set data.download: true)")
+    files = spec.train_files + spec.test_files
+    if not any(all((folder / f).is_file() for f in files) for folder in (root, root / spec.folder)):
+        raise ValueError(f"data.data_dir: {str(root)!r} holds no complete {spec.folder}{unset} "
+                         "(or set data.download: true)")
+
+
+def _checkpoint_problems(recipe: Recipe) -> None:
+    checkpoint = recipe.train.checkpoint
+    spec = Path(checkpoint) / "model.json"
+    if not spec.is_file():
+        raise ValueError(f"train.checkpoint: {checkpoint!r} has no model.json (expected a directory "
+                         "written by prunekit train or a run's train/ stage)")
+    try:
+        saved = json.loads(spec.read_text())
+    except ValueError:
+        raise ValueError(f"train.checkpoint: {str(spec)!r} is not valid JSON") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"train.checkpoint: {str(spec)!r} is not a model spec")
+    if saved.get("manifest"):
+        raise ValueError(f"train.checkpoint: {checkpoint!r} is already compacted; start from its dense model")
+    if saved.get("model") != recipe.model.name:
+        raise ValueError(f"train.checkpoint: holds a {saved.get('model')!r} model, but model.name is "
+                         f"{recipe.model.name!r}")
+
+
+def _export_problems(recipe: Recipe) -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if recipe.export.onnx and missing:
+        raise ValueError(f"export.onnx: needs {', '.join(missing)}; pip install 'prunekit[onnx]'")
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check what the recipe needs from the filesystem and the installation (data, checkpoint,
+    what its plug-ins need); :class:`RecipeError` lists every problem."""
+    checks = [lambda: _data_problems(recipe.data), lambda: _export_problems(recipe)]
+    if recipe.train is not None and recipe.train.checkpoint:
+        checks.append(lambda: _checkpoint_problems(recipe))
+    checks += [lambda plugin=plugin: plugin.check_recipe(recipe) for plugin in plugins_for(recipe)]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            path, _, message = str(exc).partition(": ")
+            problems.append(Problem(path, message) if message else Problem("recipe", path))
+    if problems:
+        raise RecipeError(problems)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -400,10 +376,25 @@ def validate_recipe(raw: Any, source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError([Problem(source, f"expected a mapping of sections (name:, model:, ...), got {_kind(raw)}")])
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         problems = [_problem(error, raw) for error in exc.errors()]
         raise RecipeError(_dedupe(problems)) from None
+    preflight(recipe)
+    return recipe
+
+
+def validate_prune(section: Any, source: str = "prune") -> Method:
+    """A ``prune`` section on its own (what ``prunekit prune`` builds from its flags), worded like a
+    recipe's problems (``prune.key: problem``); :class:`RecipeError` lists every problem."""
+    try:
+        return validate_method(section)
+    except ValidationError as exc:
+        problems = [_problem({**error, "loc": (source, *error["loc"])}, {source: section}) for error in exc.errors()]
+        raise RecipeError(_dedupe(problems)) from None
+    except ValueError as exc:  # no method, or an unknown one
+        path, _, message = str(exc).partition(": ")
+        raise RecipeError([Problem(f"{source}.{path}", message)]) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, seeds: int | None = None) -> Recipe:
@@ -486,7 +477,7 @@ def _known_keys(loc: list[Any], raw: dict[str, Any]) -> list[str]:
         node = node.get(part) if isinstance(node, dict) else None
         if cls is Recipe and part == "prune":
             method = node.get("method") if isinstance(node, dict) else None
-            cls = PRUNE_METHODS.get(method) if method in PRUNE_METHODS else PruneSpec
+            cls = METHODS.get(method) if method in METHODS else Method
             continue
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         cls = _model_of(field.annotation) if field else None

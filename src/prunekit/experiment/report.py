@@ -278,7 +278,7 @@ def plot_training(subject: Subject, path: Path) -> bool:
     after = [100 * a for a in after if a is not None]
     for ax in (ax_loss, ax_acc):
         if pruned_at is not None:
-            ax.axvline(pruned_at, color="C3", lw=1.5, ls="--", label=f"pruned to {subject.recipe.prune.label}")
+            ax.axvline(pruned_at, color="C3", lw=1.5, ls="--", label=f"pruned to {subject.recipe.prune.describe()['target']}")
         ax.set_xlabel("epoch (all training stages in order)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
@@ -394,7 +394,7 @@ def plot_schedules(subject: Subject, path: Path) -> bool:
             ax_sp.plot([p[0] for p in realised], [p[1] for p in realised], "o", color="black", ms=4,
                        label="reached at epoch end (weights of the pruned layers)")
         schedule = prune.sparsity_schedule()
-        what = schedule.describe() if schedule is not None else f"one-shot to {prune.label} after dense training"
+        what = schedule.describe() if schedule is not None else f"one-shot to {prune.describe()['target']} after dense training"
         ax_sp.set_title(f"sparsity - {prune.method}: {what}", fontsize=9)
         legend += list(zip(*ax_sp.get_legend_handles_labels()))
     else:
@@ -457,7 +457,7 @@ def plot_layers(subject: Subject, path: Path) -> bool:
     fig.legend(handles=existing + handles, loc="outside lower center", ncols=4, fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     recipe = subject.recipe
-    what = f"{recipe.prune.label} ({recipe.prune.method}, {recipe.prune.granularity})" if recipe.prune else "dense"
+    what = f"{recipe.prune.describe()['target']} ({recipe.prune.method}, {recipe.prune.describe()['granularity']})" if recipe.prune else "dense"
     compacted = "compacted" if (_read_json(run_dir / STAGE_DIRS["compact"] / MARKER) or {}).get("compacted") else \
         "dense shapes"
     fig.suptitle(f"kept weights per layer: {_run_id(run_dir)}, {what}, {compacted}", fontsize=10)

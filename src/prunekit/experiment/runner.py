@@ -149,10 +149,11 @@ def _run_locked(run_dir: Path, info: dict[str, Any], recipe: Recipe, hooks_for: 
     results = ResultsStore(store if store is not None else run_dir / info["store"])
     run = RunInfo(info["run_id"], info["group"], info["seed"], run_dir, results)
     prune = recipe.prune
+    described = prune.describe() if prune else {"target": None, "granularity": None}
     results.start({"run_id": run.run_id, "group_id": run.group, "recipe_hash": info["recipe_hash"],
                    "name": recipe.name, "seed": run.seed, "method": prune.method if prune else "dense",
-                   "model": recipe.model.name, "data": recipe.data.name, "target": prune.label if prune else None,
-                   "granularity": prune.granularity if prune else None, "git_commit": info["git_commit"],
+                   "model": recipe.model.name, "data": recipe.data.name, "target": described["target"],
+                   "granularity": described["granularity"], "git_commit": info["git_commit"],
                    "run_dir": _relative(run_dir, results.path.parent), "created_at": info["created_at"]})
     emit = events or (lambda stage, event, data: None)
     emit("run", "start", {"run_id": run.run_id, "run_dir": str(run_dir)})

@@ -4,8 +4,10 @@ Each stage reads what the previous one wrote in the run directory, writes its ow
 its folder, and last a ``stage.json`` marker with its summary. A stage whose marker exists is
 skipped, so a resumed run continues at the first unfinished stage; a training stage also
 resumes from its own ``checkpoints/last.pt`` (exactly, see the Trainer). Models always pass
-between stages through disk (``model.json`` + ``model.safetensors``, masks in
-``masks.safetensors``), so an interrupted and an uninterrupted run follow the same path.
+between stages through disk in the one model format (:mod:`prunekit.artifact`: ``model.json`` +
+``model.safetensors``, masks in ``masks.safetensors``), so an interrupted and an
+uninterrupted run follow the same path. The stages know no method: the recipe's plug-ins
+(:func:`prunekit.methods.plugins_for`) add hooks, prune and prepare retraining.
 
     RUN_DIR/
       recipe.yaml  run.json  result.json  metrics.jsonl  metrics.csv
@@ -27,19 +29,23 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from prunekit.artifact import ModelSpec, load_artifact, save_artifact
+from prunekit.artifact import ModelSpec, load_artifact, load_masks, save_artifact
+from prunekit.core.compaction import compact_masked
 from prunekit.data import DataBundle, build_data
 from prunekit.device import resolve_device
 from prunekit.experiment.loggers import LoggerHook, MetricLogger
 from prunekit.experiment.recipe import Recipe
-from prunekit.experiment.schema import TrainSpec
-from prunekit.io import atomic_path, write_json
+from prunekit.io import write_json
 from prunekit.measure import count_macs, count_params
+from prunekit.methods import MethodContext, plugins_for, run_prune
+from prunekit.methods.base import training_summary
+from prunekit.methods.retraining import RecordRewindPoints
 from prunekit.models import build_model
+from prunekit.schema import TrainSpec
 from prunekit.train.hooks import Hook
+from prunekit.train.masking import EnforceMasks
 from prunekit.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,6 @@ STAGES = ("train", "prune", "retrain", "compact", "evaluate", "export")
 STAGE_DIRS = {"train": "train", "prune": "prune", "retrain": "retrain", "compact": "final",
               "evaluate": "evaluate", "export": "export"}
 MARKER = "stage.json"
-MASKS = "masks.safetensors"
 
 HooksFor = Callable[[str], Sequence[Hook]]
 """Extra Trainer hooks for a training stage (the CLI's progress bar)."""
@@ -68,6 +73,7 @@ class StageContext:
         self.loggers = list(loggers)
         self.hooks_for = hooks_for or (lambda stage: ())
         self.events = events or (lambda stage, event, info: None)
+        self.plugins = plugins_for(recipe)
 
     # ------------------------------------------------------------------ data
     @cached_property
@@ -83,6 +89,19 @@ class StageContext:
     def example_input(self) -> torch.Tensor:
         return torch.zeros(1, *self.input_shape)
 
+    def method_context(self, stage: str) -> MethodContext:
+        """What a plug-in sees in ``stage``: training goes into the stage's folder."""
+        return MethodContext(self.seed, self.input_shape, self.device, data_factory=lambda: self.data,
+                             fit_fn=lambda model, spec, hooks: self.fit(stage, model, spec, hooks),
+                             eval_precision=self.recipe.evaluate.precision,
+                             extra={"recipe": self.recipe, "run_dir": self.run_dir, "dense_dir": self.dense_dir})
+
+    @property
+    def dense_dir(self) -> Path:
+        """Where the dense training's outputs (model, rewind points) are."""
+        train = self.recipe.train
+        return Path(train.checkpoint) if train is not None and train.checkpoint else self.run_dir / STAGE_DIRS["train"]
+
     # ---------------------------------------------------------------- models
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.recipe.model.name, num_classes=self.data.num_classes,
@@ -96,34 +115,11 @@ class StageContext:
     def fresh_model(self) -> tuple[nn.Module, ModelSpec]:
         model = self.dense_model()
         if self.recipe.prune is not None:
-            model = self.recipe.prune.prepare_model(model)
+            model = self.recipe.prune.prepare(model)
         return model, self.model_spec()
 
-    def load_model(self, directory: Path) -> tuple[nn.Module, ModelSpec]:
-        """A stage's model; with masks (``masks.safetensors``) re-attached and enforced."""
-        model, spec = load_artifact(directory)
-        masks = directory / MASKS
-        if masks.is_file():
-            attach_masks(model, load_file(str(masks)))
-        return model, spec
-
-    def save_model(self, model: nn.Module, spec: ModelSpec, directory: Path, *,
-                   masks: dict[str, torch.Tensor] | None = None, manifest=None, granularity: str | None = None) -> None:
-        model = model.to("cpu")
-        if masks:
-            with atomic_path(directory / MASKS) as tmp:
-                save_file({n: m.detach().to("cpu", torch.uint8).contiguous() for n, m in masks.items()}, str(tmp),
-                          metadata={"granularity": granularity or "weight"})
-        save_artifact(model, spec, directory, manifest=manifest)
-
     def test_accuracy(self, model: nn.Module) -> float:
-        """Top-1 on the test split at the recipe's evaluation precision (the model stays on the CPU)."""
-        from prunekit.measure.accuracy import evaluate
-
-        result = evaluate(model.to(self.device), self.data.test, device=self.device,
-                          precision=self.recipe.evaluate.precision)
-        model.to("cpu")
-        return result.accuracy
+        return self.method_context("evaluate").test_accuracy(model)
 
     def measure(self, model: nn.Module) -> dict[str, int]:
         return {"macs": count_macs(model, self.input_shape).total, "params": count_params(model)}
@@ -137,38 +133,6 @@ class StageContext:
         trainer = Trainer(model, self.data.train, self.data.test, spec.config(self.seed), hooks=hooks,
                           run_dir=run_dir, device=self.device)
         return trainer, trainer.fit(resume=True)
-
-    def training_summary(self, trainer: Trainer, result: TrainResult) -> dict[str, Any]:
-        return {"final_test_acc": result.final_test_acc, "best_test_acc": result.best_test_acc,
-                "best_epoch": result.best_epoch, "epochs": len(result.history),
-                "steps_per_epoch": trainer.steps_per_epoch, "trainer_wall_time_s": result.wall_time_s,
-                "precision": trainer.precision}
-
-
-def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor], coupled_input: torch.Tensor | None = None):
-    """Re-attach saved weight masks to ``model`` as a Sparsifier (enforced at once); returns it.
-
-    With ``coupled_input`` (filter masks) the tensors coupled to pruned filters (BN affine,
-    consumers' inputs) are masked too, so training keeps the model equal to its compacted form.
-    """
-    from prunekit.core.sparsifier import Sparsifier
-
-    names = sorted(masks)
-    granularity = "filter" if coupled_input is not None else "weight"
-    sparsifier = Sparsifier(model, granularity, "l1", layers=names, include_first_conv=True, include_classifier=True)
-    sparsifier.load_state_dict({"masks": {n: m.bool() for n, m in masks.items()},
-                                "generator": sparsifier.generator.get_state()})
-    if coupled_input is not None:
-        sparsifier.couple_channels(model, coupled_input)
-    return sparsifier
-
-
-def mask_granularity(directory: Path) -> str | None:
-    path = directory / MASKS
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("granularity", "weight")
 
 
 # ---------------------------------------------------------------------- the stages
@@ -224,71 +188,56 @@ def run_stages(ctx: StageContext) -> dict[str, dict[str, Any]]:
     return markers
 
 
+def _load(source: Path) -> tuple[nn.Module, ModelSpec, Any]:
+    model, spec = load_artifact(source)
+    return model, spec, load_masks(model, spec, source)
+
+
 def _train(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
     spec = ctx.recipe.train
     if spec.checkpoint:
         model, saved = load_artifact(spec.checkpoint)
-        ctx.save_model(model, saved, out)
+        save_artifact(model, saved, out)
         return {"checkpoint": spec.checkpoint, "dense_test_acc": ctx.test_accuracy(model)}
-    from prunekit.methods.retraining import RecordRewindPoints
-
     model, mspec = ctx.fresh_model()
-    rewind = ctx.recipe.rewind_epochs()
-    trainer, result = ctx.fit("train", model, spec, [RecordRewindPoints(rewind)] if rewind else [])
-    ctx.save_model(trainer.model, mspec, out)
+    hooks = [RecordRewindPoints(spec.rewind_points)] if spec.rewind_points else []
+    hooks += [hook for plugin in ctx.plugins for hook in plugin.train_hooks(ctx.recipe)]
+    trainer, result = ctx.fit("train", model, spec, hooks)
+    save_artifact(trainer.model, mspec, out)
     # measured like the final model (evaluate.precision), so the two accuracies compare
-    return {**ctx.training_summary(trainer, result), "dense_test_acc": ctx.test_accuracy(trainer.model)}
+    return {**training_summary(trainer, result), "dense_test_acc": ctx.test_accuracy(trainer.model)}
 
 
 def _prune(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
-    return ctx.recipe.prune.run(ctx, source, out)
+    model, spec = load_artifact(source) if source is not None else ctx.fresh_model()
+    return run_prune(ctx.recipe.prune, model, spec, ctx.method_context("prune"), out, compact=ctx.recipe.compact)
 
 
 def _retrain(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
-    from prunekit.core.sparsifier import EnforceMasks
-
-    model, spec = load_artifact(source)
-    hooks: list[Hook] = []
-    masks = load_file(str(source / MASKS)) if (source / MASKS).is_file() else None
-    if masks is not None:
-        structured = mask_granularity(source) in ("filter", "channel")
-        hooks.append(EnforceMasks(attach_masks(model, masks, ctx.example_input() if structured else None)))
-    rewind_epoch = ctx.recipe.rewind_epoch()
-    if rewind_epoch is not None:  # weight rewinding: the surviving weights as the original run had them
-        from prunekit.methods.retraining import load_rewind_point, rewind_weights_from_spec
-
-        origin = ctx.recipe.train.checkpoint or ctx.run_dir / STAGE_DIRS["train"]
-        rewind_weights_from_spec(model, load_rewind_point(origin, rewind_epoch), spec)
-        for hook in hooks:  # the tensors coupled to pruned filters (BN, consumer inputs) back to zero
-            hook.sparsifier.enforce()
-    trainer, result = ctx.fit("retrain", model, ctx.recipe.retrain, hooks)
-    ctx.save_model(trainer.model, spec, out, masks=masks, granularity=mask_granularity(source))
-    return ctx.training_summary(trainer, result)
+    model, spec, masks = _load(source)
+    mctx = ctx.method_context("retrain")
+    for plugin in ctx.plugins:
+        plugin.before_retrain(model, spec, masks, mctx)
+    trainer, result = ctx.fit("retrain", model, ctx.recipe.retrain, [EnforceMasks(masks)] if masks else [])
+    save_artifact(trainer.model, spec, out, masks=masks)
+    return training_summary(trainer, result)
 
 
 def _compact(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
-    """Structured masks + ``compact: true`` → a physically smaller model; other masks are squashed
+    """Filter masks + ``compact: true`` → a physically smaller model; other masks are squashed
     into zeros (the shape stays); an already compacted or dense model passes through."""
-    from prunekit.core.compaction import compact
-
     if source is None:  # no training and no pruning: the fresh model itself
         model, spec = ctx.fresh_model()
-        ctx.save_model(model, spec, out)
+        save_artifact(model, spec, out)
         return {"compacted": False}
-    model, spec = load_artifact(source)
-    granularity = mask_granularity(source)
+    model, spec, masks = _load(source)
     manifest, diff = None, None
-    if granularity is not None:
-        sparsifier = attach_masks(model, load_file(str(source / MASKS)))
-        structured = granularity in ("filter", "channel")
-        if structured and ctx.recipe.compact:
-            keep = {name: mask.flatten(1).any(1).nonzero().flatten() for name, mask in sparsifier.masks().items()}
-            sparsifier.squash()
-            result = compact(model, keep, ctx.example_input())
-            model, manifest, diff = result.model, result.manifest, result.max_abs_diff
-        else:
-            sparsifier.squash()
-    ctx.save_model(model, spec, out, manifest=manifest)
+    if masks is not None and masks.structured and ctx.recipe.compact:
+        result = compact_masked(model, masks, ctx.example_input())
+        model, manifest, diff = result.model, result.manifest, result.max_abs_diff
+    elif masks is not None:
+        masks.squash()
+    save_artifact(model, spec, out, manifest=manifest)
     return {"compacted": manifest is not None or spec.manifest is not None, "max_abs_diff": diff,
             **ctx.measure(model)}
 

@@ -16,7 +16,10 @@ those weights, and it should not need the user to plan for it:
 
 The rest of the retraining variants are LR plans (``finetune``, ``lr_rewind``,
 ``scaled_restart``, ``one_cycle`` in :mod:`prunekit.train.lr_plans`) passed to the Trainer as
-``lr_plan=``.
+``lr_plan=``. In a recipe, the plans that replay the original run register retraining
+extensions (:data:`~prunekit.methods.base.RETRAIN_EXTENSIONS`): :class:`ReplayOriginal`
+checks that ``original_epochs`` is the dense training's, :class:`RewindWeights` also saves the
+rewind point during dense training and loads it into the pruned model before retraining.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from torch import nn
 
 from prunekit.core.compaction import compact
 from prunekit.core.manifest import Manifest
-from prunekit.core.sparsifier import MASK
+from prunekit.core.masks import MASK, MaskSet
 from prunekit.errors import UserError
 from prunekit.io import atomic_path
+from prunekit.methods.base import RETRAIN_EXTENSIONS, MethodContext, Plugin
+from prunekit.schema import TrainSpec
 from prunekit.train.hooks import Hook
 
 if TYPE_CHECKING:
@@ -194,3 +199,51 @@ def _load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], what: str
             raise UserError(f"rewind point: {name!r} is {tuple(state[name].shape)} in the snapshot, "
                             f"{tuple(value.shape)} in {what}")
     model.load_state_dict(dict(state))
+
+
+# ------------------------------------------------------------------ recipe extensions
+class ReplayOriginal(Plugin):
+    """A plan that replays the original run's LR from epoch T − t: T must be the dense training's."""
+
+    def __init__(self, retrain: TrainSpec) -> None:
+        self.retrain = retrain
+        self.original_epochs = retrain.lr_plan_args.get("original_epochs")
+
+    def check_recipe(self, recipe: Any) -> None:
+        train = recipe.train
+        if train is not None and not train.checkpoint and self.original_epochs != train.epochs:
+            raise ValueError(f"retrain.lr_plan_args.original_epochs: expected {train.epochs} (train.epochs: the "
+                             f"original run it replays), got {self.original_epochs!r}")
+
+
+class RewindWeights(ReplayOriginal):
+    """Weight rewinding: the surviving weights restart from the original run's after epoch T − t."""
+
+    @property
+    def epoch(self) -> int:
+        return self.original_epochs - self.retrain.epochs
+
+    def check_recipe(self, recipe: Any) -> None:
+        super().check_recipe(recipe)
+        train = recipe.train
+        if train is None:
+            raise ValueError(f"retrain.lr_plan: {self.retrain.lr_plan} needs the original training (a train "
+                             "section, or train.checkpoint with its rewind/ points)")
+        if train.checkpoint:
+            point = rewind_point_path(Path(train.checkpoint) / REWIND_DIR, self.epoch)
+            if not point.is_file():
+                raise ValueError(f"retrain.lr_plan: {self.retrain.lr_plan} with epochs={self.retrain.epochs} needs "
+                                 f"the weights after original epoch {self.epoch}, but {str(point)!r} does not exist "
+                                 "(train with train.rewind_points to keep them)")
+
+    def train_hooks(self, recipe: Any) -> list[Hook]:
+        return [] if self.epoch in recipe.train.rewind_points else [RecordRewindPoints([self.epoch])]
+
+    def before_retrain(self, model: nn.Module, spec: ModelSpec, masks: MaskSet | None, ctx: MethodContext) -> None:
+        rewind_weights_from_spec(model, load_rewind_point(ctx.extra["dense_dir"], self.epoch), spec)
+        if masks is not None:  # the tensors coupled to pruned filters (BN, consumer inputs) back to zero
+            masks.enforce()
+
+
+RETRAIN_EXTENSIONS.register("lr_rewind")(ReplayOriginal)
+RETRAIN_EXTENSIONS.register("weight_rewind")(RewindWeights)

@@ -1,4 +1,5 @@
-"""One-shot pruning as Network Pruning That Matters ran it (METHODS §2.3.1-§2.3.2).
+"""One-shot pruning as Network Pruning That Matters ran it (METHODS §2.3.1-§2.3.2): the method
+``filter_config`` and the configurations and magnitude rules it is made of.
 
 Structured: L1-norm filter pruning (PFEC, Li et al. 2017) with predefined configurations.
 
@@ -32,12 +33,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from typing import Literal
+
+from pydantic import field_validator
+
 from prunekit.core.compaction import CompactionResult, compact
 from prunekit.core.granularity import Filter
 from prunekit.core.importance import LayerView, get_criterion
+from prunekit.core.masks import MaskSet
 from prunekit.core.selection import top_k_indices
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.errors import UserError
+from prunekit.methods.base import Method, MethodContext, PruneResult, register_method
 from prunekit.models.cifar_resnet import BasicBlock, CifarResNet
 from prunekit.models.cifar_vgg import CifarVGG
 from prunekit.registry import Registry
@@ -216,3 +223,33 @@ def global_magnitude(model: nn.Module, sparsity: float, criterion: str = "l1", s
                             seed=seed)
     sparsifier.update(sparsity)
     return sparsifier
+
+
+@register_method("filter_config")
+class FilterConfig(Method):
+    """One-shot filter pruning with a predefined per-layer configuration: ``config`` names one of
+    ``FILTER_CONFIGS`` (ResNet-56/110 A–D, VGG-16 A–C, the [PROPOSED] ``resnet20-B``);
+    ``criterion: l1`` keeps the filters with the largest L1 norms, ``random`` the same number per
+    layer chosen at random (seeded by the run's seed). The configuration fixes how much goes, so
+    there is no ``target``. The runner compacts the result when the recipe's ``compact`` is true.
+    """
+
+    method: Literal["filter_config"]
+    config: str
+    criterion: Literal["l1", "l2", "random"] = "l1"
+
+    @field_validator("config")
+    @classmethod
+    def _known_config(cls, name: str) -> str:
+        if name not in FILTER_CONFIGS:
+            raise ValueError(f"unknown filter-pruning configuration {name!r}; known: {', '.join(FILTER_CONFIGS.names())}")
+        return name
+
+    def describe(self) -> dict:
+        return {"target": f"config={self.config} ({self.criterion})", "granularity": "filter"}
+
+    def prune(self, model: nn.Module, ctx: MethodContext) -> PruneResult:
+        keep = filter_keep(model, self.config, self.criterion, seed=ctx.seed)
+        removed = sum(m.out_channels - len(keep[n]) for n, m in model.named_modules() if n in keep)
+        return PruneResult(model, masks=MaskSet.attach(model, keep_masks(model, keep), "filter"),
+                           summary={"config": self.config, "criterion": self.criterion, "filters_removed": removed})
