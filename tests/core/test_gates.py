@@ -18,7 +18,7 @@ from prunekit.errors import UserError
 from prunekit.models import build_model
 
 CASES = [("resnet20", "keep"), ("resnet20", "scatter"), ("vgg16_bn", "coupled"), ("mobilenetv2", "coupled"),
-         ("tv:resnet18", "coupled")]
+         ("tv:resnet18", "coupled"), ("resnet20_b", "coupled")]
 
 
 def _gated(name: str, residual: str) -> tuple[nn.Module, nn.Module]:
@@ -59,7 +59,8 @@ def test_zero_one_gates_compute_what_physical_removal_does(name, residual):
     model, gated = _gated(name, residual)
     masks = random_masks(gate_values(gated), seed=1)
     set_gates(gated, {root: m.float() for root, m in masks.items()})
-    pruned, _ = prune_channels(model, {root: m.nonzero().flatten() for root, m in masks.items()}, X)
+    pruned, _ = prune_channels(model, {root: m.nonzero().flatten() for root, m in masks.items()}, X,
+                               scatter=residual == "scatter")
     x = probe()
     with torch.no_grad():
         assert torch.allclose(pruned(x), gated(x), atol=1e-5)

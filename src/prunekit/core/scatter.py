@@ -10,9 +10,9 @@ named block's ``conv2`` and ``bn2`` to the kept outputs and swaps the block for 
 :class:`ScatterBlock` holding the same submodules (parameter names unchanged) plus a
 parameter-free :class:`ScatterAdd` (0 MACs for :func:`~prunekit.measure.count_macs`, ``index_add``
 in ONNX). The model format replays it on load, so the form saves, loads and exports.
-:func:`prune_channels` is the physical pruning of a gated model: keys naming a block's ``conv2``
-are scattered, the others (channel-group roots, e.g. the blocks' ``conv1``) go to
-:func:`~prunekit.core.compaction.compact`.
+:func:`prune_channels` is the physical pruning of a gated model: with ``scatter``, keys naming a
+block's ``conv2`` are scattered; the others (channel-group roots, e.g. the blocks' ``conv1``) go
+to :func:`~prunekit.core.compaction.compact`.
 
 A block is recognised by its layout (``conv1``, ``bn1``, ``relu1``, ``conv2``, ``bn2``,
 ``shortcut``, ``relu2``, as :class:`prunekit.models.cifar_resnet.BasicBlock`), so core code does
@@ -102,13 +102,14 @@ def _scatter(model: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
 
 
 def prune_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_input: torch.Tensor, *,
-                   verify: bool = True) -> tuple[nn.Module, Manifest]:
+                   scatter: bool = False, verify: bool = True) -> tuple[nn.Module, Manifest]:
     """Physically remove every channel not in ``keep`` (``{root or conv2 name: kept indices}``), in place.
 
-    Keys naming a basic block's ``conv2`` take the scatter form; the others are compacted (with
+    With ``scatter`` (gates placed with ``residual="scatter"``), keys naming a basic block's
+    ``conv2`` take the scatter form; every other key names a channel group, compacted (with
     ``verify``, checked against the masked model). Returns the model and the compaction's manifest.
     """
-    blocks = {f"{name}.conv2" for name in basic_blocks(model)}
+    blocks = {f"{name}.conv2" for name in basic_blocks(model)} if scatter else set()
     scattered = {name: kept for name, kept in keep.items() if name in blocks}
     grouped = {name: kept for name, kept in keep.items() if name not in blocks}
     manifest = compact(model, grouped, example_input, verify=verify).manifest if grouped else Manifest({}, {})
@@ -117,12 +118,12 @@ def prune_channels(model: nn.Module, keep: Mapping[str, torch.Tensor], example_i
     return model, manifest
 
 
-def pruned_macs(model: nn.Module, example_input: torch.Tensor) -> MacsOf:
-    """A ``MacsOf`` over roots and ``conv2`` names: prunes a copy with :func:`prune_channels` and counts it."""
+def pruned_macs(model: nn.Module, example_input: torch.Tensor, *, scatter: bool = False) -> MacsOf:
+    """A ``MacsOf`` that prunes a copy of ``model`` with :func:`prune_channels` and counts its MACs."""
 
     def macs_of(keep: Mapping[str, torch.Tensor]) -> int:
         pruned, _ = prune_channels(copy.deepcopy(model), {n: m.flatten().nonzero().flatten() for n, m in keep.items()},
-                                   example_input, verify=False)
+                                   example_input, scatter=scatter, verify=False)
         return count_macs(pruned, example_input).total
 
     return macs_of
