@@ -36,5 +36,11 @@ def random_masks(values: dict[str, torch.Tensor], seed: int = 0, keep: float = 0
     return out
 
 
+def random_gates(values: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Uniform gate values in [0, 1) shaped like ``values``."""
+    g = torch.Generator().manual_seed(seed)
+    return {root: torch.rand(value.shape, generator=g) for root, value in values.items()}
+
+
 def probe(seed: int = 0) -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from gate_helpers import X, trained_like
+from gate_helpers import X, random_gates, trained_like
 from prunekit.core.gate_losses import bool_loss, flops_loss
 from prunekit.core.gate_selection import BestGates
 from prunekit.core.gate_threshold import masks_at, threshold_gates
@@ -127,7 +127,8 @@ def test_bisection_falls_back_to_the_minimal_mask_or_says_the_target_is_out_of_r
     early = threshold_gates(gates, 250, _linear_macs({"a": 100, "b": 50}), iterations=3)
     assert all(f > 250 for _, f in early.history) and (early.threshold, early.macs) == (1.0, 150)
     assert {r: m.tolist() for r, m in early.keep.items()} == minimal
-    with pytest.raises(UserError, match="target: 100 MACs is out of reach: keeping one channel per gated layer already costs 150"):
+    with pytest.raises(UserError, match="target: 100 MACs is out of reach: keeping one channel per gated layer "
+                                        "already costs 150"):
         threshold_gates(gates, 100, _linear_macs({"a": 100, "b": 50}))
     with pytest.raises(UserError, match="target: expected a positive number of MACs"):
         threshold_gates(gates, 0, _linear_macs({"a": 1, "b": 1}))
@@ -137,8 +138,7 @@ def test_bisection_falls_back_to_the_minimal_mask_or_says_the_target_is_out_of_r
 def test_bisection_with_the_real_counter_meets_the_target_on_the_pruned_model():
     model = trained_like("resnet20")
     gated = insert_gates(copy.deepcopy(model), X, residual="scatter")
-    g = torch.Generator().manual_seed(5)
-    gates = {root: torch.rand(v.shape, generator=g) for root, v in gate_values(gated).items()}
+    gates = random_gates(gate_values(gated), seed=5)
     remove_gates(gated)
     dense = count_macs(model).total
     target = 0.45 * dense

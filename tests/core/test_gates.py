@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gate_helpers import X, probe, random_masks, trained_like
+from gate_helpers import X, probe, random_gates, random_masks, trained_like
 from prunekit.core.gates import (ChannelGate, Gated, gate_values, gates, insert_gates, plan_gates,
                                  remove_gates, set_gates)
 from prunekit.core.scatter import prune_channels
@@ -105,7 +105,7 @@ def test_coupled_channels_share_one_parameter():
 def test_gating_after_bn_equals_gating_after_relu():
     """The paper gates after the ReLU; after the BN is the same for every λ >= 0."""
     model, gated = _gated("resnet20", "keep")
-    values = {root: torch.rand(v.shape, generator=torch.Generator().manual_seed(3)) for root, v in gate_values(gated).items()}
+    values = random_gates(gate_values(gated), seed=3)
     set_gates(gated, values)
     handles = [model.get_submodule(root.replace("conv1", "relu1")).register_forward_hook(
         lambda m, a, out, lam=lam: out * lam.view(1, -1, 1, 1)) for root, lam in values.items()]
@@ -158,7 +158,7 @@ def test_remove_gates_restores_the_original_modules():
 @pytest.mark.parametrize("name, residual", [("resnet20", "scatter"), ("tv:resnet18", "coupled")])
 def test_gates_survive_transform_replay_and_deepcopy(name, residual):
     _, gated = _gated(name, residual)
-    values = {root: torch.rand(v.shape, generator=torch.Generator().manual_seed(4)) for root, v in gate_values(gated).items()}
+    values = random_gates(gate_values(gated), seed=4)
     set_gates(gated, values)
     fresh = replay(build_model(name), recorded(gated))
     assert [(n, p.shape) for n, p in fresh.named_parameters()] == [(n, p.shape) for n, p in gated.named_parameters()]

@@ -49,20 +49,22 @@ def test_scatter_form_computes_the_zero_one_gated_model(seed):
 
 
 def test_the_mac_counter_counts_the_scatter_form():
+    """conv2/bn2 count only their kept outputs (conv2 also its kept inputs), the scatter counts 0."""
     _, pruned, masks = _pruned()
     dense = {row.name: row.macs for row in count_macs(build_model("resnet20")).rows}
     rows = {row.name: row for row in count_macs(pruned).rows}
-    expected = sum(dense.values())
+    expected = dict(dense)
     for block in BLOCKS:
-        out = masks[f"{block}.conv2"].sum().item()
-        inner = masks[f"{block}.conv1"].sum().item()
-        width = build_model("resnet20").get_submodule(f"{block}.conv2").out_channels
-        assert rows[f"{block}.scatter"].macs == 0 and rows[f"{block}.scatter"].type == "ScatterAdd"
-        assert rows[f"{block}.conv2"].macs == dense[f"{block}.conv2"] * out * inner // width ** 2
-        assert rows[f"{block}.bn2"].macs == dense[f"{block}.bn2"] * out // width
-        expected -= dense[f"{block}.conv2"] - rows[f"{block}.conv2"].macs + dense[f"{block}.bn2"] - rows[f"{block}.bn2"].macs
-        expected -= dense[f"{block}.conv1"] - rows[f"{block}.conv1"].macs + dense[f"{block}.bn1"] - rows[f"{block}.bn1"].macs
-    assert count_macs(pruned).total == expected
+        inner, out = (masks[f"{block}.conv{i}"].sum().item() for i in (1, 2))
+        width = masks[f"{block}.conv2"].numel()
+        expected[f"{block}.conv1"] = dense[f"{block}.conv1"] * inner // width
+        expected[f"{block}.bn1"] = dense[f"{block}.bn1"] * inner // width
+        expected[f"{block}.conv2"] = dense[f"{block}.conv2"] * out * inner // width ** 2
+        expected[f"{block}.bn2"] = dense[f"{block}.bn2"] * out // width
+        expected[f"{block}.scatter"] = 0
+        assert rows[f"{block}.scatter"].type == "ScatterAdd"
+    assert {name: row.macs for name, row in rows.items()} == expected
+    assert count_macs(pruned).total == sum(expected.values()) < sum(dense.values())
 
 
 def test_resnet56_dense_macs_and_a_full_scatter_change_nothing():
@@ -114,9 +116,9 @@ def test_scatter_add_adds_at_the_positions():
 
 
 def test_bad_keep_sets_are_user_errors():
-    with pytest.raises(UserError, match=r"scatter_residual.keep: 'layer1.0.conv1' is not the conv2 of a CIFAR basic block"):
+    with pytest.raises(UserError, match=r"keep: 'layer1.0.conv1' is not the conv2 of a CIFAR basic block"):
         scatter_residual(build_model("resnet20"), {"layer1.0.conv1": [0]})
-    with pytest.raises(UserError, match=r"scatter_residual.keep\['layer1.0.conv2'\]: expected sorted distinct indices in \[0, 16\)"):
+    with pytest.raises(UserError, match=r"keep\['layer1.0.conv2'\]: expected sorted distinct indices in \[0, 16\)"):
         scatter_residual(build_model("resnet20"), {"layer1.0.conv2": [3, 1]})
     for bad in ([], [16], [-1, 2]):
         with pytest.raises(UserError, match="sorted distinct indices"):
