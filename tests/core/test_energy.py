@@ -9,6 +9,7 @@ from torch import nn
 from prunekit.core.energy import PrunedEnergyPenalty, low_magnitude_mask, pruned_count
 from prunekit.core.hyperspherical import HSConv2d
 from prunekit.core.schedules import build_schedule
+from prunekit.core.selection import top_k_mask
 from prunekit.errors import UserError
 
 D = torch.float64
@@ -35,9 +36,10 @@ def test_one_layer_value_and_gradient():
     # E_0 = 1/9, E_1 = 9/25; R = (1/9 + 9/25)/2 = 53/225; penalty = λ R = 106/225.
     # ∂E_f/∂w_f = (2/‖w_f‖)(P_f ⊙ ŵ_f − E_f ŵ_f); ∂penalty/∂w_f = λ/F · that (λ/F = 1).
     conv = hand_conv()
-    penalty, energies = PrunedEnergyPenalty({"conv": conv}, lam=2.0, sparsity=0.5)(1.0)
+    term = PrunedEnergyPenalty({"conv": conv}, lam=2.0, sparsity=0.5)
+    penalty, energies = term(1.0)
     torch.testing.assert_close(penalty, torch.tensor(106 / 225, dtype=D))
-    assert energies == {"conv": pytest.approx(53 / 225, abs=1e-15)}
+    assert not energies.requires_grad and term.by_layer(energies) == {"conv": pytest.approx(53 / 225, abs=1e-15)}
     penalty.backward()
     expected = torch.tensor([[16 / 81, -4 / 81, -4 / 81], [0.0, 96 / 625, -72 / 625]], dtype=D)
     torch.testing.assert_close(conv.weight.grad.view(2, 3), expected)
@@ -47,9 +49,10 @@ def test_mean_over_layers_with_a_row_normalised_linear():
     # Linear: ŵ rows [2, -1, 2]/3 and [0, 0, 1]; P = {-1/3, 0, 0}: E = [1/9, 0], R = 1/18.
     # penalty = (53/225 + 1/18)/2 = 131/900; factor λ/(L·F) = 1/4 on every per-filter gradient.
     conv, linear = hand_conv(), hand_linear()
-    penalty, energies = PrunedEnergyPenalty({"conv": conv, "fc": linear}, lam=1.0, sparsity=0.5)(0.3)
+    term = PrunedEnergyPenalty({"conv": conv, "fc": linear}, lam=1.0, sparsity=0.5)
+    penalty, energies = term(0.3)
     torch.testing.assert_close(penalty, torch.tensor(131 / 900, dtype=D))
-    assert energies == pytest.approx({"conv": 53 / 225, "fc": 1 / 18}, abs=1e-15)
+    assert term.by_layer(energies) == pytest.approx({"conv": 53 / 225, "fc": 1 / 18}, abs=1e-15)
     penalty.backward()
     torch.testing.assert_close(conv.weight.grad.view(2, 3),
                                torch.tensor([[4 / 81, -1 / 81, -1 / 81], [0.0, 24 / 625, -18 / 625]], dtype=D))
@@ -64,7 +67,7 @@ def test_mask_is_recomputed_at_every_call():
         conv.weight[1, 0, 0] = torch.tensor([5.0, 3.0, 4.0], dtype=D)  # now ŵ_1 = [5, 3, 4]/√50
     # smallest three |ŵ|: 1/3 (f0), 3/√50 ≈ 0.42 and 4/√50 ≈ 0.57 (f1): E = [1/9, 25/50]
     _, energies = penalty(1.0)
-    assert energies["conv"] == pytest.approx((1 / 9 + 1 / 2) / 2)
+    assert energies.item() == pytest.approx((1 / 9 + 1 / 2) / 2)
 
 
 def test_ties_go_to_the_higher_index_like_the_pruning_masks():
@@ -74,7 +77,13 @@ def test_ties_go_to_the_higher_index_like_the_pruning_masks():
     with torch.no_grad():
         layer.weight.fill_(-1.0)
     _, energies = PrunedEnergyPenalty({"fc": layer}, sparsity=0.5)(0.0)
-    assert energies["fc"] == pytest.approx(0.5)  # two entries of ŵ = -1/2
+    assert energies.item() == pytest.approx(0.5)  # two entries of ŵ = -1/2
+
+
+@pytest.mark.parametrize("pruned", [0, 1, 7, 20, 24])
+def test_low_magnitude_mask_is_the_complement_of_top_k(pruned):
+    values = torch.randint(-3, 4, (4, 6)).float()  # many ties
+    assert torch.equal(low_magnitude_mask(values, pruned), ~top_k_mask(values.abs(), 24 - pruned))
 
 
 def test_pruned_count_is_the_floor_with_a_float_guard():
@@ -89,7 +98,7 @@ def test_lambda_ramp_and_sparsity_schedule():
                                   lam_ramp=0.1)
     assert penalty.lam_at(0.0) == 0.0 and penalty.lam_at(0.05) == pytest.approx(1.0) and penalty.lam_at(0.5) == 2.0
     value, energies = penalty(0.25)  # s = 0.25: ⌊1.5⌋ = 1 entry, the 0 of filter 1
-    assert penalty.sparsity_at(0.25) == 0.25 and value.item() == 0.0 and energies["conv"] == 0.0
+    assert penalty.sparsity_at(0.25) == 0.25 and value.item() == 0.0 and energies.item() == 0.0
     value, _ = penalty(0.05)  # s = 0.05: no entry; λ = 1
     assert value.item() == 0.0
     value, _ = penalty(1.0)

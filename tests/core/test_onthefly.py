@@ -11,6 +11,7 @@ from torch import nn
 from prunekit.core.hyperspherical import HSConv2d, effective_weight
 from prunekit.core.onthefly import prunable_layers, prune_at_ratio, ratio_masks
 from prunekit.core.selection import keep_count
+from prunekit.core.sparsifier import Sparsifier
 from prunekit.core.transforms import apply_transform
 from prunekit.errors import UserError
 from prunekit.models import build_model
@@ -90,3 +91,21 @@ def test_global_scope_counts_over_all_prunable_entries():
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(UserError, match=rf"^{field}:"):
         ratio_masks(baked("small_cnn"), **kwargs)
+
+
+def test_masks_feed_the_existing_mask_enforcement_for_fine_tuning():
+    """§1.3.7: the pruned HS model fine-tuned under fixed masks keeps its pruned entries at zero."""
+    torch.manual_seed(0)
+    model = apply_transform(build_model("small_cnn", in_channels=3), "hyperspherical")
+    masks = prune_at_ratio(model, 0.7)
+    sparsifier = Sparsifier(model, "weight", layers=sorted(masks), include_first_conv=True, include_classifier=True)
+    sparsifier.load_state_dict({"masks": masks, "generator": sparsifier.generator.get_state()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+        sparsifier.enforce(optimizer)
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        assert not modules[name].weight[~mask].any() and modules[name].weight[mask].all()

@@ -27,7 +27,6 @@ from torch import nn
 
 from prunekit.core.hyperspherical import HSConv2d, effective_weight
 from prunekit.core.schedules import Schedule
-from prunekit.core.selection import top_k_mask
 from prunekit.errors import UserError
 
 _FLOAT_GUARD = 1e-9
@@ -39,9 +38,16 @@ def pruned_count(n: int, sparsity: float) -> int:
 
 
 def low_magnitude_mask(values: torch.Tensor, pruned: int) -> torch.Tensor:
-    """True at the ``pruned`` entries of smallest |value| (ties: the higher index is taken), no gradient."""
+    """True at the ``pruned`` entries of smallest |value|, no gradient.
+
+    Exactly the complement of :func:`~prunekit.core.selection.top_k_mask` keeping the rest (ties:
+    the higher index is taken), with one sort instead of two: this runs at every training step.
+    """
     with torch.no_grad():
-        return ~top_k_mask(values.detach().abs(), values.numel() - pruned)
+        order = torch.sort(-values.detach().abs().flatten(), stable=True).indices
+        mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+        mask[order[values.numel() - pruned:]] = True
+        return mask.view(values.shape)
 
 
 def filter_energies(unit_weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -95,8 +101,9 @@ class PrunedEnergyPenalty:
     def sparsity_at(self, progress: float) -> float:
         return self.sparsity(progress) if isinstance(self.sparsity, Schedule) else self.sparsity
 
-    def __call__(self, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """The penalty (a differentiable scalar) and R_l per layer name (floats; one host sync)."""
+    def __call__(self, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The penalty (a differentiable scalar) and R_l of every layer (detached, in ``layers``
+        order, on the weights' device: no host sync per step; :meth:`by_layer` turns it into floats)."""
         progress = _fraction("progress", progress)
         sparsity = self.sparsity_at(progress)
         means = []
@@ -105,5 +112,8 @@ class PrunedEnergyPenalty:
             pruned = low_magnitude_mask(unit, pruned_count(unit.numel(), sparsity))
             means.append(filter_energies(unit, pruned).mean())
         energies = torch.stack(means)
-        penalty = self.lam_at(progress) * energies.mean()
-        return penalty, dict(zip(self.layers, energies.detach().tolist()))
+        return self.lam_at(progress) * energies.mean(), energies.detach()
+
+    def by_layer(self, energies: torch.Tensor) -> dict[str, float]:
+        """Layer name → R_l from a call's (or a running sum's) energies tensor (one host sync)."""
+        return dict(zip(self.layers, energies.tolist()))
