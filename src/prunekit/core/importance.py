@@ -136,9 +136,9 @@ def taylor_evidence(layers: Mapping[str, nn.Module], batches: Iterable[Any],
     return {name: total.div_(count) for name, total in zip(layers, totals)}
 
 
-def batchnorm_scales(model: nn.Module, layers: Mapping[str, nn.Module],
-                     example_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """γ of the BatchNorm that directly consumes each layer's output, per layer name.
+def following_batchnorms(model: nn.Module, layers: Mapping[str, nn.Module],
+                         example_input: torch.Tensor) -> dict[str, nn.Module]:
+    """The BatchNorm that directly consumes each layer's output, per layer name (absent: none).
 
     Found with one forward pass (eval mode, no grad; training flags restored): a BN follows a
     layer when its input is the very tensor that layer returned.
@@ -161,6 +161,13 @@ def batchnorm_scales(model: nn.Module, layers: Mapping[str, nn.Module],
     handles += [m.register_forward_pre_hook(match) for m in model.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     probe_forward(model, example_input, handles)
+    return follower
+
+
+def batchnorm_scales(model: nn.Module, layers: Mapping[str, nn.Module],
+                     example_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    """γ of the BatchNorm that directly consumes each layer's output (:func:`following_batchnorms`)."""
+    follower = following_batchnorms(model, layers, example_input)
     missing = [name for name in layers if name not in follower]
     if missing:
         raise UserError(f"criterion bn_scale: no BatchNorm directly after layer(s) {', '.join(missing)}; "
