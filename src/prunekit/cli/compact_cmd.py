@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     masks = load_masks(model, spec, args.model_dir)
     if masks is None or not masks.structured:
         what = "no masks" if masks is None else f"{masks.granularity} masks, which leave zeros in place"
-        raise UserError(f"model: {str(args.model_dir)!r} holds {what}; expected filter masks "
+        raise UserError(f"model: {str(args.model_dir)!r} holds no filter masks ({what}); expected "
                         "(prunekit prune --granularity filter --no-compact, or a recipe run's prune/retrain stage)")
     macs_before = count_macs(model, spec.input_shape).total
     result = compact_masked(model, masks, spec.example_input())

@@ -90,13 +90,19 @@ def section(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _infer_method(given: dict[str, Any]) -> str:
-    fits = [name for name in METHODS
-            if set(given) <= set(fields := METHODS.get(name).model_fields)
-            and all(key in given for key, f in fields.items() if f.is_required() and key != "method")]
-    if len(fits) != 1:
-        which = f"they fit {', '.join(fits)}" if fits else "no method takes exactly these keys"
-        raise UserError(f"--method: name the method ({', '.join(METHODS.names())}); {which}")
-    return fits[0]
+    def keys(name: str) -> dict[str, Any]:
+        return {k: f for k, f in METHODS.get(name).model_fields.items() if k != "method"}
+
+    complete = [name for name in METHODS if all(k in given for k, f in keys(name).items() if f.is_required())]
+    fits = [name for name in complete if set(given) <= set(keys(name))]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits and len(complete) == 1:  # the one method the required keys point to, given a key it lacks
+        extra = sorted(set(given) - set(keys(complete[0])))[0]
+        raise UserError(f"--{extra.replace('_', '-')}: not a key of method {complete[0]} "
+                        f"(it takes {', '.join(keys(complete[0]))})")
+    which = f"they fit {', '.join(fits)}" if fits else "no method takes exactly these keys"
+    raise UserError(f"--method: name the method ({', '.join(METHODS.names())}); {which}")
 
 
 def _flag_wording(error: RecipeError) -> UserError:
