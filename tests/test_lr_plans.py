@@ -77,9 +77,9 @@ def test_constant_plan_and_registry():
 
 
 def test_unknown_plan_and_argument_are_user_errors():
-    with pytest.raises(UserError, match="unknown LR schedule 'cosin'.*cosine"):
+    with pytest.raises(UserError, match="unknown LR plan 'cosin'.*cosine"):
         build_lr_plan("cosin", lr=0.1, epochs=1, steps_per_epoch=1)
-    with pytest.raises(UserError, match="schedule_args: 'step' does not take warmup"):
+    with pytest.raises(UserError, match="lr_plan_args: 'step' does not take warmup"):
         build_lr_plan("step", lr=0.1, epochs=1, steps_per_epoch=1, warmup=3)
     with pytest.raises(UserError, match="pct_start"):
         build_lr_plan("onecycle", lr=0.1, epochs=1, steps_per_epoch=10, pct_start=1.5)

@@ -29,7 +29,7 @@ def toy_model(seed=0):
 
 
 def config(**overrides):
-    base = dict(epochs=3, lr=0.05, precision="fp32", channels_last=False, schedule="onecycle", seed=7)
+    base = dict(epochs=3, lr=0.05, precision="fp32", channels_last=False, lr_plan="onecycle", seed=7)
     return TrainConfig(**{**base, **overrides})
 
 
