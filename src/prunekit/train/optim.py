@@ -46,7 +46,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return groups
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, frozen: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: TrainConfig,
+                    frozen: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.weight_decay, config.decay_norm_and_bias, frozen)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
