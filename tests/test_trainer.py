@@ -200,7 +200,7 @@ def test_bf16_channels_last_path_trains_like_fp32():
             for _ in range(2)]
     results = [run.fit() for run in runs]
     assert runs[0].precision == "bf16" and runs[0].channels_last
-    reference, bf16, again = (t.model.state_dict() for t in (fp32, *runs))
+    reference, bf16, again = ({k: v.cpu() for k, v in t.model.state_dict().items()} for t in (fp32, *runs))
     for name, value in reference.items():
         assert torch.equal(bf16[name], again[name]), name  # same seed, same weights
         if value.is_floating_point():
@@ -349,15 +349,15 @@ def test_frozen_mode_trains_only_the_chosen_parameters_in_eval_mode():
     optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
     assert [id(p) for p in optimized] == [id(model[6].weight), id(model[6].bias)]
     trainer.fit()
-    after = model.state_dict()
+    after = {k: v.cpu() for k, v in model.state_dict().items()}  # the Trainer may have moved it to a GPU
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["6.weight", "6.bias"]
     assert probe.training == {False} and probe.conv_grads == [None] * 12  # no dropout, no gradient for frozen
     assert all(p.requires_grad for p in model.parameters())  # frozen only for the run
 
     train_mode = toy_model()
     Trainer(train_mode, *toy_loaders(), config(epochs=1, trainable=("6.*",))).fit()
-    assert not torch.equal(train_mode[1].running_mean, before["1.running_mean"])  # train mode: BN stats move
-    assert torch.equal(train_mode[0].weight, before["0.weight"])
+    assert not torch.equal(train_mode[1].running_mean.cpu(), before["1.running_mean"])  # train mode: BN stats move
+    assert torch.equal(train_mode[0].weight.cpu(), before["0.weight"])
 
 
 def test_frozen_mode_equals_a_manual_loop_over_the_chosen_parameters():
