@@ -42,6 +42,8 @@ RECIPES = Path("recipes/nptm")
 RUNS = Path("runs/nptm")
 RESULTS = Path("benchmarks/results/nptm")
 CHECKPOINT = Path("benchmarks/checkpoints/resnet20_cifar10_step30")
+# Arms, named by their recipe files (and result files); each arm's LR plan is its recipe's
+# retrain.lr_plan: the same name, except the 1-cycle arm one_cycle, whose plan is cyclic_restart.
 PLANS = ("finetune", "lr_rewind", "scaled_restart", "one_cycle")
 OPTIONAL_PLANS = ("weight_rewind",)
 CRITERIA = ("l1", "random")
@@ -250,8 +252,8 @@ def plot_plans(rows: list[dict], args: argparse.Namespace) -> None:
     plans = {}
     for plan in dict.fromkeys(r["plan"] for r in rows):
         spec = arm_recipe("l1", plan, rows[0]["seed"], args).retrain
-        plans[plan] = build_lr_plan(spec.lr_plan, lr=spec.lr, epochs=spec.epochs, steps_per_epoch=steps,
-                                    **spec.lr_plan_args)
+        plans[spec.lr_plan] = build_lr_plan(spec.lr_plan, lr=spec.lr, epochs=spec.epochs,
+                                            steps_per_epoch=steps, **spec.lr_plan_args)
     plot_lr_plans(plans, results_dir(args) / f"lr-plans-t{args.budget}.png",
                   title=f"retraining LR plans, t = {args.budget} epochs after T = 30 ({steps} steps per epoch)")
 

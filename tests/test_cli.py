@@ -38,7 +38,7 @@ BAD_INPUTS = [
     ([*TRAIN, "--momentum", "1.5"], "momentum: expected a number in [0, 1), got 1.5"),
     ([*TRAIN, "--weight-decay", "-1"], "weight_decay: expected a number >= 0, got -1.0"),
     ([*TRAIN, "--label-smoothing", "abc"], "argument --label-smoothing"),
-    ([*TRAIN, "--schedule", "cosin"], "argument --schedule: invalid choice: 'cosin'"),
+    ([*TRAIN, "--lr-plan", "cosin"], "argument --lr-plan: invalid choice: 'cosin'"),
     ([*TRAIN, "--resume", "--out", "{tmp}/fresh"], "--resume: "),
     (["macs", "resnet20", "--input", "3x32xZ"], "argument --input: expected CxHxW such as 3x32x32"),
     (["macs", "nonet"], "unknown model 'nonet'"),

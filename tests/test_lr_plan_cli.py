@@ -34,8 +34,8 @@ def test_json_scaled_restart_and_imagenet_preset(capsys):
     assert [row["lr"] for row in json.loads(out)] == pytest.approx([0.01] * 15 + [0.001] * 30)
 
 
-def test_json_one_cycle_has_momentum(capsys):
-    code, out, _ = run_lr_plan(capsys, "one_cycle", "--budget", 10, "--steps-per-epoch", 100, "--json")
+def test_json_cyclic_restart_has_momentum(capsys):
+    code, out, _ = run_lr_plan(capsys, "cyclic_restart", "--budget", 10, "--steps-per-epoch", 100, "--json")
     rows = json.loads(out)
     assert code == 0 and len(rows) == 10
     assert rows[0]["lr"] == pytest.approx(0.001) and rows[0]["momentum"] == pytest.approx(0.95)
@@ -45,10 +45,12 @@ def test_json_one_cycle_has_momentum(capsys):
 def test_all_plans_table_and_json(capsys):
     code, out, err = run_lr_plan(capsys, "all", "--original-epochs", 40, "--budget", 10)
     assert code == 0, err
-    assert "scaled_restart: warm-up 1 epoch 0.001→0.1" in out and "one_cycle momentum" in out
+    assert "scaled_restart: warm-up 1 epoch 0.001→0.1" in out
+    header = out.split("┏")[1].split("┡")[0]  # rich wraps the last column's title at 120 columns
+    assert "cyclic_restart lr" in header and header.count("momentum") == 1
     code, out, _ = run_lr_plan(capsys, "all", "--original-epochs", 40, "--budget", 10, "--json")
     tables = json.loads(out)
-    assert list(tables) == ["finetune", "lr_rewind", "weight_rewind", "scaled_restart", "one_cycle"]
+    assert list(tables) == ["finetune", "lr_rewind", "weight_rewind", "scaled_restart", "cyclic_restart"]
     assert tables["lr_rewind"] == tables["weight_rewind"]
     lrw = [row["lr"] for row in tables["lr_rewind"]]
     assert lrw == pytest.approx([row["lr"] for row in tables["finetune"]])  # t ≤ T/4: LRW is FT here
@@ -79,7 +81,7 @@ BAD = [
     (["finetune", "--budget", "0"], "argument --budget: expected a positive integer, got '0'"),
     (["finetune", "--budget", "10", "--steps-per-epoch", "x"],
      "argument --steps-per-epoch: expected a positive integer"),
-    (["one_cycle", "--budget", "10", "--preset", "mnist"], "argument --preset: invalid choice: 'mnist'"),
+    (["cyclic_restart", "--budget", "10", "--preset", "mnist"], "argument --preset: invalid choice: 'mnist'"),
     (["finetune", "--budget", "10", "--plot", "plans.jpg"], "--plot: expected a file name ending in .png, .pdf, .svg"),
     (["lr_rewind", "--original-epochs", "40", "--budget", "10", "--original", "cosine", "--milestones", "20"],
      "--milestones: only a step original has milestones"),

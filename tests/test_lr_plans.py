@@ -60,6 +60,15 @@ def test_step_plan_accepts_fractions_of_the_run():
     assert [plan.lr(s) for s in (49, 50, 74, 75)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
 
 
+def test_a_step_budget_sets_the_plan_length_and_fraction_milestones():
+    plan = build_lr_plan("step", lr=1.0, epochs=2, steps_per_epoch=6, total_steps=10, milestones=[0.5, 1])
+    assert plan.total_steps == 10
+    # milestone 0.5 = half of the 10 steps (step 5), milestone 1 = epoch 1 (step 6)
+    assert [plan.lr(s) for s in (4, 5, 6, 9)] == pytest.approx([1.0, 0.1, 0.01, 0.01])
+    cosine = build_lr_plan("cosine", lr=0.2, epochs=1, steps_per_epoch=391, total_steps=200)
+    assert cosine.lr(199) == pytest.approx(0.0) and cosine.lr(99) > 0.09
+
+
 def test_cosine_warmup_then_decay_to_min():
     plan = build_lr_plan("cosine", lr=0.2, epochs=10, steps_per_epoch=10, warmup_epochs=1, min_lr=0.002)
     assert plan.lr(0) == pytest.approx(0.02)
@@ -77,9 +86,11 @@ def test_constant_plan_and_registry():
 
 
 def test_unknown_plan_and_argument_are_user_errors():
-    with pytest.raises(UserError, match="unknown LR schedule 'cosin'.*cosine"):
+    with pytest.raises(UserError, match="unknown LR plan 'cosin'.*cosine"):
         build_lr_plan("cosin", lr=0.1, epochs=1, steps_per_epoch=1)
-    with pytest.raises(UserError, match="schedule_args: 'step' does not take warmup"):
+    with pytest.raises(UserError, match="^unknown LR plan 'one_cycle'; known: .*cyclic_restart"):
+        build_lr_plan("one_cycle", epochs=1, steps_per_epoch=1)  # NPTM's CLR plan is cyclic_restart now
+    with pytest.raises(UserError, match="lr_plan_args: 'step' does not take warmup"):
         build_lr_plan("step", lr=0.1, epochs=1, steps_per_epoch=1, warmup=3)
     with pytest.raises(UserError, match="pct_start"):
         build_lr_plan("onecycle", lr=0.1, epochs=1, steps_per_epoch=10, pct_start=1.5)

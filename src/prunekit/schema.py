@@ -45,7 +45,7 @@ NonNegativeFloat = Annotated[float, _check(lambda v: _finite(v) and v >= 0, "a n
 HalfOpenFraction = Annotated[float, _check(lambda v: 0 <= v < 1, "a number in [0, 1)")]
 Fraction = Annotated[float, _check(lambda v: 0 <= v <= 1, "a fraction in [0, 1]")]
 
-_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("schedule_args", "betas")}
+_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("lr_plan_args", "betas")}
 
 
 def reword(message: str, field: str) -> str:
@@ -62,9 +62,10 @@ class TrainSpec(Section):
     """
 
     epochs: PositiveInt = _TRAIN_DEFAULTS["epochs"]
-    optimizer: Literal["sgd", "adamw"] = _TRAIN_DEFAULTS["optimizer"]
+    steps: PositiveInt | None = None
+    optimizer: Literal["sgd", "adamw", "adam"] = _TRAIN_DEFAULTS["optimizer"]
     lr: PositiveFloat = _TRAIN_DEFAULTS["lr"]
-    lr_plan: str = _TRAIN_DEFAULTS["schedule"]
+    lr_plan: str = _TRAIN_DEFAULTS["lr_plan"]
     lr_plan_args: dict[str, Any] = Field(default_factory=dict)
     momentum: HalfOpenFraction = _TRAIN_DEFAULTS["momentum"]
     nesterov: bool = _TRAIN_DEFAULTS["nesterov"]
@@ -97,16 +98,16 @@ class TrainSpec(Section):
         try:  # a dry build checks the arguments against the plan's signature and its own checks
             build_lr_plan(self.lr_plan, lr=self.lr, epochs=self.epochs, steps_per_epoch=10, **self.lr_plan_args)
         except UserError as exc:
-            raise ValueError(f"lr_plan_args: {reword(reword(str(exc), 'schedule_args'), 'lr_plan_args')}") from None
+            raise ValueError(f"lr_plan_args: {reword(str(exc), 'lr_plan_args')}") from None
         except TypeError as exc:
             raise ValueError(f"lr_plan_args: {exc}") from None
         return self
 
     def config(self, seed: int) -> TrainConfig:
         """The TrainConfig of this phase for one seed."""
-        return TrainConfig(epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
+        return TrainConfig(epochs=self.epochs, steps=self.steps, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
                            nesterov=self.nesterov, weight_decay=self.weight_decay,
                            decay_norm_and_bias=self.decay_norm_and_bias, betas=tuple(self.betas), eps=self.eps,
-                           schedule=self.lr_plan, schedule_args=dict(self.lr_plan_args),
+                           lr_plan=self.lr_plan, lr_plan_args=dict(self.lr_plan_args),
                            label_smoothing=self.label_smoothing, precision=self.precision,
                            channels_last=self.channels_last, seed=seed, eval_every=self.eval_every)

@@ -52,7 +52,9 @@ def test_arm_lr_per_epoch_matches_the_worked_rule(plan):
 
 
 def test_one_cycle_arm_start_peak_end_and_momentum():
-    plan = plan_of(arm("one_cycle"))
+    recipe = arm("one_cycle")
+    assert recipe.retrain.lr_plan == "cyclic_restart"  # the 1-cycle arm's plan (CLR, METHODS §2.4.5)
+    plan = plan_of(recipe)
     total = 10 * STEPS
     peak = int(0.1 * total - 1)
     assert plan.lr(0) == pytest.approx(0.001) and plan.lr(peak) == pytest.approx(0.1)

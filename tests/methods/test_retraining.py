@@ -129,7 +129,7 @@ def test_lr_rewind_replays_any_original_schedule():
 def test_rewinding_plans_refuse_bad_budgets():
     with pytest.raises(UserError, match="epochs: a rewinding budget of t=161 epochs exceeds"):
         build_lr_plan("lr_rewind", epochs=161, steps_per_epoch=1, original_epochs=160)
-    with pytest.raises(UserError, match="original_epochs: the 'weight_rewind' schedule needs it"):
+    with pytest.raises(UserError, match="original_epochs: the 'weight_rewind' LR plan needs it"):
         build_lr_plan("weight_rewind", epochs=10, steps_per_epoch=1)
     with pytest.raises(UserError, match="original: 'finetune' is a retraining plan"):
         build_lr_plan("lr_rewind", epochs=10, steps_per_epoch=1, original_epochs=40, original="finetune")
@@ -141,8 +141,8 @@ def test_finetune_is_constant_and_takes_an_lr():
     assert set(per_epoch("finetune", 3, lr=0.005)) == {0.005}
 
 
-def test_one_cycle_start_peak_end_and_momentum():
-    plan = build_lr_plan("one_cycle", epochs=10, steps_per_epoch=100)
+def test_cyclic_restart_start_peak_end_and_momentum():
+    plan = build_lr_plan("cyclic_restart", epochs=10, steps_per_epoch=100)
     peak = 0.1 * 1000 - 1
     assert plan.lr(0) == pytest.approx(0.001)
     assert plan.lr(peak) == pytest.approx(0.1)
@@ -153,9 +153,9 @@ def test_one_cycle_start_peak_end_and_momentum():
     assert epoch_table(plan, 100)[0] == {"epoch": 0, "lr": plan.lr(0), "momentum": plan.momentum(0)}
 
 
-def test_one_cycle_equals_torch_onecycle_with_nptm_settings():
+def test_cyclic_restart_equals_torch_onecycle_with_nptm_settings():
     steps = 6 * 9
-    plan = build_lr_plan("one_cycle", epochs=6, steps_per_epoch=9)
+    plan = build_lr_plan("cyclic_restart", epochs=6, steps_per_epoch=9)
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=steps, pct_start=0.1,
@@ -265,8 +265,8 @@ def test_the_original_training_records_the_rewind_points_its_budgets_need(tmp_pa
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 2))
     record, copies = RecordRewindPoints.for_budgets(4, [1, 2, 4]), Snapshots()
-    config = TrainConfig(epochs=4, lr=0.1, precision="fp32", channels_last=False, schedule="step",
-                         schedule_args={"milestones": [2, 3]})
+    config = TrainConfig(epochs=4, lr=0.1, precision="fp32", channels_last=False, lr_plan="step",
+                         lr_plan_args={"milestones": [2, 3]})
     Trainer(model, train, None, config, hooks=[copies, record], run_dir=tmp_path, device="cpu").fit()
     assert record.epochs == [0, 2, 3]
     assert sorted(p.name for p in (tmp_path / "rewind").iterdir()) == [
@@ -285,8 +285,7 @@ def test_record_rewind_points_needs_a_place_and_a_reachable_epoch(tmp_path):
     hook = RecordRewindPoints([5])
 
     class FakeTrainer:
-        run_dir, epoch = None, 0
-        config = TrainConfig(epochs=3)
+        run_dir, epoch, total_epochs = None, 0, 3
 
     with pytest.raises(UserError, match=r"epochs: rewind points \[5\] lie beyond the run's 3 epochs"):
         hook.on_train_begin(FakeTrainer())

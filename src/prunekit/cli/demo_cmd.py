@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model("small_cnn", num_classes=data.num_classes, in_channels=data.input_shape[0])
     config = TrainConfig(epochs=args.epochs, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
-                         schedule="onecycle", seed=args.seed)
+                         lr_plan="onecycle", seed=args.seed)
     out.print(f"1/3 training small_cnn on the bundled digits ({args.epochs} epochs)")
     trainer = Trainer(model, data.train, data.test, config, device=args.device)
     trainer.fit()
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     out.print(f"3/3 fine-tuning the compacted model ({args.finetune_epochs} epochs)")
     finetune = TrainConfig(epochs=args.finetune_epochs, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                           schedule="cosine", seed=args.seed)
+                           lr_plan="cosine", seed=args.seed)
     tuner = Trainer(trainer.model, data.train, data.test, finetune, device=args.device)
     tuner.fit()
     rows.append(_measure("pruned + fine-tuned", tuner, data))

@@ -25,7 +25,7 @@ ORIGINALS = ("step", "cosine", "onecycle")
 # stay visible because the ones drawn first are wider.
 STYLE = {"finetune": ("silver", "-", 6.0), "lr_rewind": ("tab:blue", "-", 3.2),
          "weight_rewind": ("tab:cyan", (0, (3, 2)), 1.6), "scaled_restart": ("tab:green", "-", 2.0),
-         "one_cycle": ("tab:red", "-", 2.0)}
+         "cyclic_restart": ("tab:red", "-", 2.0)}
 MAX_POINTS = 20_000
 
 
@@ -60,7 +60,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="epochs of the original step schedule's drops (default from --preset)")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="finetune: its constant LR (0.001); rewinding: the original's base LR; "
-                             "scaled_restart and one_cycle: the peak (0.1)")
+                             "scaled_restart and cyclic_restart: the peak (0.1)")
     parser.add_argument("--json", action="store_true",
                         help='print a JSON list of {"epoch": …, "lr": …} (with "momentum" where the plan cycles it); '
                              f"with {ALL}, an object of such lists by plan")

@@ -30,13 +30,13 @@ class ProgressHook(Hook):
             console=self.console, transient=True,
         )
         self.task = self.progress.add_task("train", total=trainer.total_steps, completed=trainer.global_step,
-                                           epoch=f"{trainer.epoch + 1}/{trainer.config.epochs}",
+                                           epoch=f"{trainer.epoch + 1}/{trainer.total_epochs}",
                                            loss="-", acc="-", speed="-")
         self.progress.start()
 
     def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
         self.epoch_began = time.perf_counter()
-        self.progress.update(self.task, epoch=f"{epoch + 1}/{trainer.config.epochs}")
+        self.progress.update(self.task, epoch=f"{epoch + 1}/{trainer.total_epochs}")
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
         step_in_epoch = trainer.global_step % trainer.steps_per_epoch + 1
@@ -50,7 +50,7 @@ class ProgressHook(Hook):
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         test = f"  test acc {metrics.test_acc:.4f}" if metrics.test_acc is not None else ""
         self.console.print(
-            f"epoch {metrics.epoch}/{trainer.config.epochs}  loss {metrics.train_loss:.4f}  "
+            f"epoch {metrics.epoch}/{trainer.total_epochs}  loss {metrics.train_loss:.4f}  "
             f"train acc {metrics.train_acc:.4f}{test}  {metrics.images_per_s:.0f} img/s  "
             f"lr {metrics.lr:.2e}  {metrics.epoch_time_s:.0f} s"
         )

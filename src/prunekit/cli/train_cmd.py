@@ -16,6 +16,7 @@ from prunekit.errors import UserError
 from prunekit.io import write_json
 from prunekit.models import build_model
 from prunekit.train import TrainConfig, Trainer
+from prunekit.train.config import OPTIMIZERS
 from prunekit.train.lr_plans import LR_PLANS, RETRAINING_PLANS
 from prunekit.train.trainer import CHECKPOINT_NAME
 
@@ -27,10 +28,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    group.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="peak learning rate")
-    group.add_argument("--schedule", choices=[n for n in LR_PLANS.names() if n not in RETRAINING_PLANS],
-                       default=defaults.schedule, help="LR plan of the run (retraining plans: prunekit lr-plan)")
+    group.add_argument("--lr-plan", choices=[n for n in LR_PLANS.names() if n not in RETRAINING_PLANS],
+                       default=defaults.lr_plan, help="LR plan of the run (retraining plans: prunekit lr-plan)")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     group.add_argument("--momentum", type=float, default=defaults.momentum)
     group.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
@@ -46,7 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = TrainConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
+    config = TrainConfig(epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, lr_plan=args.lr_plan,
                          weight_decay=args.weight_decay, momentum=args.momentum,
                          label_smoothing=args.label_smoothing, precision=args.precision,
                          channels_last={"auto": None, "on": True, "off": False}[args.channels_last], seed=args.seed)

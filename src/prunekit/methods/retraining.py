@@ -15,7 +15,7 @@ those weights, and it should not need the user to plan for it:
   model itself went through).
 
 The rest of the retraining variants are LR plans (``finetune``, ``lr_rewind``,
-``scaled_restart``, ``one_cycle`` in :mod:`prunekit.train.lr_plans`) passed to the Trainer as
+``scaled_restart``, ``cyclic_restart`` in :mod:`prunekit.train.lr_plans`) passed to the Trainer as
 ``lr_plan=``. In a recipe, the plans that replay the original run register retraining
 extensions (:data:`~prunekit.methods.base.RETRAIN_EXTENSIONS`): :class:`ReplayOriginal`
 checks that ``original_epochs`` is the dense training's, :class:`RewindWeights` also saves the
@@ -127,9 +127,9 @@ class RecordRewindPoints(Hook):
         return trainer.run_dir / REWIND_DIR
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        late = [e for e in self.epochs if e > trainer.config.epochs]
+        late = [e for e in self.epochs if e > trainer.total_epochs]
         if late:
-            raise UserError(f"epochs: rewind points {late} lie beyond the run's {trainer.config.epochs} epochs")
+            raise UserError(f"epochs: rewind points {late} lie beyond the run's {trainer.total_epochs} epochs")
         if trainer.epoch == 0 and 0 in self.epochs:
             self._save(trainer, 0)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from prunekit.errors import UserError
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -17,11 +17,25 @@ class TrainConfig:
 
     ``channels_last=None`` lets :func:`prunekit.device.use_channels_last` decide (on with bf16 or
     CUDA; off for fp32 on a CPU, where it was measured ~7x slower for ResNet-20 training).
-    The LR plan is named by ``schedule`` and built by :mod:`prunekit.train.lr_plans`;
-    ``schedule_args`` holds its extra arguments (for example ``milestones`` for ``step``).
+    The LR plan is named by ``lr_plan`` and built by :mod:`prunekit.train.lr_plans`;
+    ``lr_plan_args`` holds its extra arguments (for example ``milestones`` for ``step``).
+
+    The budget is ``epochs`` passes over the training data, or, when ``steps`` is set, exactly
+    ``steps`` optimizer steps (``epochs`` is then unused): the run lasts ceil(steps / N) epochs of
+    N batches, the last one cut short where the budget ends.
+
+    ``trainable`` (glob patterns of parameter names, :func:`fnmatch.fnmatchcase`) restricts
+    training to the matching parameters: only they reach the optimizer, and the others have
+    ``requires_grad=False`` while :meth:`Trainer.fit` runs. ``eval_mode`` keeps the model in
+    ``eval()`` during training steps: BatchNorm uses and keeps its running statistics, dropout is off.
+
+    ``optimizer``: ``sgd`` (with ``momentum``, ``nesterov``), ``adam`` (``torch.optim.Adam``;
+    ``weight_decay`` is its coupled L2 term, so 0 gives plain Adam) or ``adamw`` (decoupled decay);
+    both Adams take ``betas`` and ``eps``.
     """
 
     epochs: int = 15
+    steps: int | None = None
     optimizer: str = "sgd"
     lr: float = 0.2
     momentum: float = 0.9
@@ -30,8 +44,10 @@ class TrainConfig:
     decay_norm_and_bias: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    schedule: str = "onecycle"
-    schedule_args: dict[str, Any] = field(default_factory=dict)
+    lr_plan: str = "onecycle"
+    lr_plan_args: dict[str, Any] = field(default_factory=dict)
+    trainable: tuple[str, ...] | None = None
+    eval_mode: bool = False
     label_smoothing: float = 0.0
     precision: str = "auto"
     channels_last: bool | None = None
@@ -39,7 +55,9 @@ class TrainConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _require(_is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        _require(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps",
+                 "an integer >= 1 or None", self.steps)
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
         _require(_is_number(self.lr) and self.lr > 0, "lr", "a number > 0", self.lr)
         _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)", self.momentum)
@@ -49,12 +67,22 @@ class TrainConfig:
             "label_smoothing", "a number in [0, 1)", self.label_smoothing,
         )
         _require(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}", self.precision)
-        _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(_is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(isinstance(self.eval_mode, bool), "eval_mode", "true or false", self.eval_mode)
+        if self.trainable is not None:
+            _require(isinstance(self.trainable, (list, tuple)) and len(self.trainable) > 0
+                     and all(isinstance(p, str) and p for p in self.trainable),
+                     "trainable", "a non-empty list of parameter-name patterns or None", self.trainable)
+            self.trainable = tuple(self.trainable)
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

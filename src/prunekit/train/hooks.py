@@ -1,9 +1,19 @@
 """Trainer hook points. A pruning method is a small set of hooks, never a fork of the loop.
 
+Order of a run::
+
+    on_train_begin -> (on_epoch_begin -> steps -> [on_evaluate] -> on_epoch_end) per epoch -> on_train_end
+
 Order inside one training step::
 
     on_step_begin -> forward -> loss (+ every hook's extra_loss) -> backward
-    -> before_optimizer_step -> optimizer.step() -> after_optimizer_step
+    -> before_optimizer_step -> optimizer.step() -> after_optimizer_step -> on_step_end(loss)
+
+During every hook point of a step ``trainer.global_step`` is that step's 0-based index; it is
+incremented after ``on_step_end``. ``on_step_end`` receives the step's loss (the one that was
+back-propagated, extra terms included, computed with the weights from before the update) as a
+detached scalar tensor on the training device: reading it (``.item()``) syncs the device, so
+hooks that do so only when they need it keep the loop asynchronous.
 
 Hooks with state worth resuming implement ``state_dict``/``load_state_dict``; the Trainer
 stores it in every checkpoint.
@@ -39,6 +49,8 @@ class Hook:
     def before_optimizer_step(self, trainer: Trainer) -> None: ...
 
     def after_optimizer_step(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None: ...
 
     def on_evaluate(self, trainer: Trainer, metrics: EpochMetrics) -> None: ...
 

@@ -7,7 +7,8 @@ into the optimizer before every step (per-iteration scheduling).
 Besides the plans of a training run (``constant``, ``step``, ``cosine``, ``onecycle``), the
 retraining plans of METHODS §2.4 (Network Pruning That Matters) describe a retraining phase of
 ``epochs`` = t epochs after an original training of ``original_epochs`` = T epochs:
-``finetune``, ``lr_rewind``, ``weight_rewind``, ``scaled_restart`` and ``one_cycle``.
+``finetune``, ``lr_rewind``, ``weight_rewind``, ``scaled_restart`` and ``cyclic_restart``.
+(The sparsity schedule ``one_cycle`` of One-Cycle Pruning is another thing: :mod:`prunekit.core.schedules`.)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class LRPlan:
         return None
 
 
-LR_PLANS: Registry[Callable[..., LRPlan]] = Registry("LR schedule")
+LR_PLANS: Registry[Callable[..., LRPlan]] = Registry("LR plan")
 
 
 def cos_anneal(start: float, end: float, fraction: float) -> float:
@@ -57,14 +58,14 @@ class ConstantLR(LRPlan):
 
 @LR_PLANS.register("step")
 class StepLR(LRPlan):
-    """Multiply the LR by ``gamma`` at each milestone (in epochs, or fractions of the run if < 1)."""
+    """Multiply the LR by ``gamma`` at each milestone (in epochs, or fractions of the run's steps if < 1)."""
 
-    def __init__(self, total_steps: int, lr: float, steps_per_epoch: int, epochs: int,
+    def __init__(self, total_steps: int, lr: float, steps_per_epoch: int,
                  milestones: list[float] = (0.5, 0.75), gamma: float = 0.1) -> None:
         super().__init__(total_steps)
         self.base_lr, self.gamma = lr, gamma
-        epoch_milestones = [m * epochs if 0 < m < 1 else m for m in milestones]
-        self.step_milestones = sorted(round(m * steps_per_epoch) for m in epoch_milestones)
+        self.step_milestones = sorted(round(m * total_steps) if 0 < m < 1 else round(m * steps_per_epoch)
+                                      for m in milestones)
 
     def lr(self, step: int) -> float:
         passed = sum(step >= m for m in self.step_milestones)
@@ -75,8 +76,8 @@ class StepLR(LRPlan):
 class CosineLR(LRPlan):
     """Optional linear warm-up, then cosine decay to ``min_lr`` at the last step."""
 
-    def __init__(self, total_steps: int, lr: float, steps_per_epoch: int, epochs: int,
-                 warmup_epochs: float = 0.0, min_lr: float = 0.0) -> None:
+    def __init__(self, total_steps: int, lr: float, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                 min_lr: float = 0.0) -> None:
         super().__init__(total_steps)
         self.base_lr, self.min_lr = lr, min_lr
         self.warmup_steps = round(warmup_epochs * steps_per_epoch)
@@ -135,7 +136,7 @@ ORIGINAL_MILESTONES = {"cifar": (0.5, 0.75), "imagenet": (1 / 3, 2 / 3)}
 epochs, ImageNet ÷10 every 30 of 90 (METHODS §2.2); milestone = ⌊fraction · T⌋."""
 SLR_MILESTONES = {"cifar": (0.45, 0.675), "imagenet": (0.297, 0.594)}
 """Scaled LR restarting milestones m₁ = ⌊f₁·t⌋, m₂ = ⌊f₂·t⌋, counted after the warm-up (§2.4.4)."""
-RETRAINING_PLANS = ("finetune", "lr_rewind", "weight_rewind", "scaled_restart", "one_cycle")
+RETRAINING_PLANS = ("finetune", "lr_rewind", "weight_rewind", "scaled_restart", "cyclic_restart")
 
 EpochFunction = Callable[[float], float]
 """An original schedule given as a function: epoch (0 … T, fractional within an epoch) -> LR."""
@@ -153,8 +154,8 @@ def _check_budget(epochs: int, steps_per_epoch: int, total_steps: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{field}: expected an integer >= 1, got {value!r}")
     if total_steps != epochs * steps_per_epoch:
-        raise UserError(f"total_steps: expected epochs x steps_per_epoch = {epochs * steps_per_epoch}, "
-                        f"got {total_steps}")
+        raise UserError(f"steps: a retraining plan runs whole epochs, {epochs} x {steps_per_epoch} = "
+                        f"{epochs * steps_per_epoch} steps, not {total_steps}")
 
 
 class OriginalSchedule:
@@ -217,7 +218,7 @@ def original_schedule(original: OriginalSpec = None, *, original_epochs: int, st
         spec = {"name": original or "step"} if not isinstance(original, Mapping) else dict(original)
         name = spec.pop("name", None)
         if not isinstance(name, str):
-            raise UserError("original: a mapping needs a 'name' naming a registered LR schedule")
+            raise UserError("original: a mapping needs a 'name' naming a registered LR plan")
         if name == "step":
             spec.setdefault("milestones", milestones if milestones is not None
                             else preset_milestones(original_epochs, preset))
@@ -371,8 +372,8 @@ class ScaledRestart(RetrainingPlan):
                 f"{' and '.join(str(m) for m in self.milestones)} epochs after it")
 
 
-@LR_PLANS.register("one_cycle")
-class OneCycleRestart(RetrainingPlan):
+@LR_PLANS.register("cyclic_restart")
+class CyclicRestart(RetrainingPlan):
     """CLR: :class:`OneCycleLR` with NPTM's defaults (METHODS §2.4.5), per iteration over t·N steps:
     peak 0.1 at 10 % of the steps, start 0.1/100 = 0.001, end 0.001/100 = 1e-5, momentum
     0.95 → 0.85 → 0.95 (cycling on; ``cycle_momentum=False`` is the paper's ablation)."""
@@ -397,7 +398,7 @@ class OneCycleRestart(RetrainingPlan):
         c = self.cycle
         cycling = (f", momentum {c.max_momentum:g}→{c.base_momentum:g}→{c.max_momentum:g}"
                    if c.cycle_momentum else ", momentum fixed")
-        return (f"one_cycle: {c.start:g}→{c.peak:g} (step {c.phase1_end:g} of {self.total_steps})→{c.end:g}, "
+        return (f"cyclic_restart: {c.start:g}→{c.peak:g} (step {c.phase1_end:g} of {self.total_steps})→{c.end:g}, "
                 f"per iteration{cycling}")
 
 
@@ -416,23 +417,24 @@ def epoch_table(plan: LRPlan, steps_per_epoch: int) -> list[dict[str, float | in
 
 
 def build_lr_plan(name: str, *, lr: float | None = None, epochs: int, steps_per_epoch: int,
-                  original_epochs: int | None = None, preset: str | None = None,
+                  total_steps: int | None = None, original_epochs: int | None = None, preset: str | None = None,
                   original: OriginalSpec = None, **args: Any) -> LRPlan:
     """Build a registered plan; it receives the run's context (``lr``, ``epochs``,
     ``steps_per_epoch`` and, for retraining plans, ``original_epochs``, ``preset``, ``original``)
     where it takes them. Context left at None leaves the plan's own default (an error names a
-    required one that is missing)."""
+    required one that is missing). The plan spans ``total_steps`` steps, by default
+    ``epochs`` x ``steps_per_epoch`` (a step budget passes its own, ``epochs`` then covering it)."""
     factory = LR_PLANS.get(name)
-    total = epochs * steps_per_epoch
+    total = epochs * steps_per_epoch if total_steps is None else total_steps
     context = {"lr": lr, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
                "original_epochs": original_epochs, "preset": preset, "original": original}
     accepted = inspect.signature(factory).parameters
     unknown = sorted(set(args) - set(accepted))
     if unknown:
-        raise UserError(f"schedule_args: {name!r} does not take {', '.join(unknown)}")
+        raise UserError(f"lr_plan_args: {name!r} does not take {', '.join(unknown)}")
     wanted = {k: v for k, v in context.items() if k in accepted and v is not None}
     missing = [p for p in list(accepted)[1:]
                if accepted[p].default is inspect.Parameter.empty and p not in wanted and p not in args]
     if missing:
-        raise UserError(f"{missing[0]}: the {name!r} schedule needs it")
+        raise UserError(f"{missing[0]}: the {name!r} LR plan needs it")
     return factory(total, **wanted, **args)

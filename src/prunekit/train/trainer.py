@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from prunekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng,
 from prunekit.train.config import TrainConfig
 from prunekit.train.hooks import Hook
 from prunekit.train.lr_plans import LRPlan, build_lr_plan
-from prunekit.train.optim import build_optimizer, set_lr_and_momentum
+from prunekit.train.optim import build_optimizer, frozen_parameters, set_lr_and_momentum
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,10 @@ class RunningStats:
 
     def __init__(self, device: torch.device) -> None:
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        self.last_loss: torch.Tensor | None = None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.last_loss = loss.detach()
         count = labels.numel()
-        self.totals[0] += self.last_loss.double() * count
+        self.totals[0] += loss.detach().double() * count
         self.totals[1] += (logits.detach().argmax(1) == labels).sum()
         self.totals[2] += count
 
@@ -84,6 +83,9 @@ class Trainer:
     Hook points are listed in :mod:`prunekit.train.hooks`. The LR plan is applied before every
     optimizer step. With a ``run_dir``, each epoch ends with an atomic checkpoint and a metrics
     JSONL; ``fit(resume=True)`` continues a killed run from its last checkpoint exactly.
+    The budget is ``total_steps`` optimizer steps over ``total_epochs`` epochs (the config's
+    ``steps``, or ``epochs`` full passes); a step budget may end inside the last epoch, which is
+    still evaluated and recorded.
     """
 
     def __init__(self, model: nn.Module, train: BatchLoader, test: BatchLoader | None,
@@ -103,19 +105,19 @@ class Trainer:
         self.steps_per_epoch = len(train)
         if self.steps_per_epoch == 0:
             raise ValueError("the training loader yields no batch")
-        self.optimizer = build_optimizer(self.model, config)
-        self.lr_plan = lr_plan or build_lr_plan(config.schedule, lr=config.lr, epochs=config.epochs,
-                                                steps_per_epoch=self.steps_per_epoch, **config.schedule_args)
+        self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.frozen = frozen_parameters(self.model, config.trainable)
+        self.optimizer = build_optimizer(self.model, config, self.frozen)
+        self.lr_plan = lr_plan or build_lr_plan(config.lr_plan, lr=config.lr, epochs=self.total_epochs,
+                                                steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                                                **config.lr_plan_args)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.history: list[EpochMetrics] = []
         self.wall_time_s = 0.0  # summed over sessions of a resumed run
         self.running = RunningStats(self.device)
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.steps_per_epoch
 
     @property
     def progress(self) -> float:
@@ -129,29 +131,37 @@ class Trainer:
             log.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
         else:
             torch.manual_seed(self.config.seed)
-        self._call("on_train_begin")
-        while self.epoch < self.config.epochs:
-            began = time.perf_counter()
-            metrics = self._train_epoch(self.epoch)
-            if (self.epoch + 1) % self.config.eval_every == 0 or self.epoch + 1 == self.config.epochs:
-                self._evaluate_into(metrics)
-            self.epoch += 1
-            self._call("on_epoch_end", metrics)
-            self.history.append(metrics)
-            self.wall_time_s += time.perf_counter() - began
-            self._persist()
-            log.info("epoch %d/%d %s", metrics.epoch, self.config.epochs, _brief(metrics))
-        self._call("on_train_end")
+        for param in self.frozen:
+            param.requires_grad_(False)
+        try:
+            self._call("on_train_begin")
+            while self.epoch < self.total_epochs:
+                began = time.perf_counter()
+                metrics = self._train_epoch(self.epoch)
+                if (self.epoch + 1) % self.config.eval_every == 0 or self.epoch + 1 == self.total_epochs:
+                    self._evaluate_into(metrics)
+                self.epoch += 1
+                self._call("on_epoch_end", metrics)
+                self.history.append(metrics)
+                self.wall_time_s += time.perf_counter() - began
+                self._persist()
+                log.info("epoch %d/%d %s", metrics.epoch, self.total_epochs, _brief(metrics))
+            self._call("on_train_end")
+        finally:
+            for param in self.frozen:
+                param.requires_grad_(True)
         return self._result()
 
     def _train_epoch(self, epoch: int) -> EpochMetrics:
-        self.model.train()
+        self.model.train(not self.config.eval_mode)
         self.train_loader.set_epoch(epoch)
         self.running = RunningStats(self.device)
         self._call("on_epoch_begin", epoch)
         began = time.perf_counter()
         for images, labels in self.train_loader:
             self._train_step(images, labels)
+            if self.global_step >= self.total_steps:
+                break
         loss, acc, count = self.running.means()
         elapsed = time.perf_counter() - began
         return EpochMetrics(epoch=epoch + 1, train_loss=loss, train_acc=acc,
@@ -176,7 +186,9 @@ class Trainer:
         self._call("before_optimizer_step")
         self.optimizer.step()
         self._call("after_optimizer_step")
+        loss = loss.detach()
         self.running.add(loss, logits, labels)
+        self._call("on_step_end", loss)
         self.global_step += 1
 
     def _evaluate_into(self, metrics: EpochMetrics) -> None:
