@@ -62,7 +62,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     recipe = arm_recipe(arm, args)
     run_dir = Path("runs/ocp") / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}"
 
-    def fit(model, spec, hooks):
+    def fit(model, spec, hooks, data=data):
         trainer = Trainer(model, data.train, data.test, spec.config(seed), hooks=hooks, run_dir=run_dir)
         return trainer, trainer.fit(resume=True)
 

@@ -146,19 +146,22 @@ def run(args: argparse.Namespace) -> int:
 def _data_factory(spec, args: argparse.Namespace):
     from prunekit.data import build_data
 
-    return lambda: build_data(spec.data or "cifar10", data_dir=args.data_dir, seed=args.seed)
+    return lambda **changes: build_data(spec.data or "cifar10", **{"data_dir": args.data_dir, "seed": args.seed,
+                                                                   **changes})
 
 
 def _fit_fn(spec, args: argparse.Namespace):
     """Training for methods that train while pruning: in OUT/training, with a progress bar."""
-    def fit(model, train_spec, hooks):
+    def fit(model, train_spec, hooks, data=None):
         from prunekit.cli.progress import ProgressHook
+        from prunekit.schema import TrainSpec
         from prunekit.train.trainer import Trainer
 
         if args.data_dir is None:
             raise UserError("--data-dir: this method trains while it prunes; say where the data set is")
-        data = _data_factory(spec, args)()
-        trainer = Trainer(model, data.train, data.test, train_spec.config(args.seed),
+        data = data or _data_factory(spec, args)()
+        config = train_spec.config(args.seed) if isinstance(train_spec, TrainSpec) else train_spec
+        trainer = Trainer(model, data.train, data.test, config,
                           hooks=[*hooks, ProgressHook(console())], run_dir=args.out / "training",
                           device=resolve_device(args.device))
         return trainer, trainer.fit(resume=True)

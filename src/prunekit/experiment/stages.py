@@ -44,6 +44,7 @@ from prunekit.methods.base import training_summary
 from prunekit.methods.retraining import RecordRewindPoints
 from prunekit.models import build_model
 from prunekit.schema import TrainSpec
+from prunekit.train.config import TrainConfig
 from prunekit.train.hooks import Hook
 from prunekit.train.masking import EnforceMasks
 from prunekit.train.trainer import Trainer, TrainResult
@@ -78,9 +79,14 @@ class StageContext:
     # ------------------------------------------------------------------ data
     @cached_property
     def data(self) -> DataBundle:
+        return self.build_data()
+
+    def build_data(self, **changes: Any) -> DataBundle:
+        """The recipe's data set; ``changes`` override loader settings (``batch_size=64``)."""
         d = self.recipe.data
-        return build_data(d.name, data_dir=d.data_dir, batch_size=d.batch_size, test_batch_size=d.test_batch_size,
-                          seed=self.seed, augment=d.augment, subset=d.subset, download=d.download)
+        settings = {"data_dir": d.data_dir, "batch_size": d.batch_size, "test_batch_size": d.test_batch_size,
+                    "seed": self.seed, "augment": d.augment, "subset": d.subset, "download": d.download}
+        return build_data(d.name, **{**settings, **changes})
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -91,8 +97,9 @@ class StageContext:
 
     def method_context(self, stage: str) -> MethodContext:
         """What a plug-in sees in ``stage``: training goes into the stage's folder."""
-        return MethodContext(self.seed, self.input_shape, self.device, data_factory=lambda: self.data,
-                             fit_fn=lambda model, spec, hooks: self.fit(stage, model, spec, hooks),
+        return MethodContext(self.seed, self.input_shape, self.device,
+                             data_factory=lambda **changes: self.build_data(**changes) if changes else self.data,
+                             fit_fn=lambda model, spec, hooks, data=None: self.fit(stage, model, spec, hooks, data),
                              eval_precision=self.recipe.evaluate.precision,
                              extra={"recipe": self.recipe, "run_dir": self.run_dir, "dense_dir": self.dense_dir})
 
@@ -125,13 +132,16 @@ class StageContext:
         return {"macs": count_macs(model, self.input_shape).total, "params": count_params(model)}
 
     # -------------------------------------------------------------- training
-    def fit(self, stage: str, model: nn.Module, spec: TrainSpec, hooks: Sequence[Hook]) -> tuple[Trainer, TrainResult]:
-        """Train ``model`` in the stage's folder, resuming from its checkpoint when there is one."""
+    def fit(self, stage: str, model: nn.Module, spec: TrainSpec | TrainConfig, hooks: Sequence[Hook],
+            data: DataBundle | None = None) -> tuple[Trainer, TrainResult]:
+        """Train ``model`` in the stage's folder, resuming from its checkpoint when there is one
+        (``spec`` a recipe phase, or a TrainConfig a method built itself)."""
         run_dir = self.run_dir / STAGE_DIRS[stage]
         before = sum(s.epochs for name, s in self.recipe.phases() if STAGES.index(name) < STAGES.index(stage))
         hooks = [*hooks, LoggerHook(self.loggers, stage, before), *self.hooks_for(stage)]
-        trainer = Trainer(model, self.data.train, self.data.test, spec.config(self.seed), hooks=hooks,
-                          run_dir=run_dir, device=self.device)
+        data = data or self.data
+        config = spec.config(self.seed) if isinstance(spec, TrainSpec) else spec
+        trainer = Trainer(model, data.train, data.test, config, hooks=hooks, run_dir=run_dir, device=self.device)
         return trainer, trainer.fit(resume=True)
 
 

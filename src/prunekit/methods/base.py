@@ -41,13 +41,15 @@ if TYPE_CHECKING:
     from prunekit.artifact import ModelSpec
     from prunekit.core.schedules import Schedule
     from prunekit.data import DataBundle
+    from prunekit.train.config import TrainConfig
     from prunekit.train.hooks import Hook
     from prunekit.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
-Fit = Callable[[nn.Module, TrainSpec, Sequence["Hook"]], tuple["Trainer", "TrainResult"]]
-"""Train a model for one phase in the stage's folder (resuming from its checkpoint)."""
+Fit = Callable[..., tuple["Trainer", "TrainResult"]]
+"""``fit(model, spec, hooks, data=None)``: train a model for one phase in the stage's folder
+(resuming from its checkpoint); ``spec`` a TrainSpec or a TrainConfig, ``data`` another DataBundle."""
 
 
 @dataclass
@@ -58,7 +60,8 @@ class MethodContext:
     seed: int
     input_shape: tuple[int, ...]
     device: torch.device
-    data_factory: Callable[[], DataBundle] | None = None
+    data_factory: Callable[..., DataBundle] | None = None
+    """``data_factory(**changes)``: the data set, e.g. ``batch_size=64`` for another batch size."""
     fit_fn: Fit | None = None
     eval_precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -73,14 +76,21 @@ class MethodContext:
 
     @cached_property
     def data(self) -> DataBundle:
+        return self.data_with()
+
+    def data_with(self, **changes: Any) -> DataBundle:
+        """The data set with other loader settings (``batch_size=64``), built anew."""
         if self.data_factory is None:
             raise UserError("--data-dir: this method needs the data set; say where it is")
-        return self.data_factory()
+        return self.data_factory(**changes)
 
-    def fit(self, model: nn.Module, spec: TrainSpec, hooks: Sequence[Hook]) -> tuple[Trainer, TrainResult]:
+    def fit(self, model: nn.Module, spec: TrainSpec | TrainConfig, hooks: Sequence[Hook], *,
+            data: DataBundle | None = None) -> tuple[Trainer, TrainResult]:
+        """Train in the stage's folder; ``spec`` a recipe phase or a TrainConfig (frozen training,
+        step budgets), ``data`` another data set than the context's (another batch size)."""
         if self.fit_fn is None:
             raise UserError("train: this method trains, which needs data and a run directory")
-        return self.fit_fn(model, spec, hooks)
+        return self.fit_fn(model, spec, hooks, data=data)
 
     def test_accuracy(self, model: nn.Module) -> float:
         """Top-1 on the test split at ``eval_precision`` (the model ends on the CPU)."""
