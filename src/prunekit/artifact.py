@@ -88,8 +88,6 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ModelSpec]:
         spec = ModelSpec(**{**raw, "input_shape": tuple(raw["input_shape"])})
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"model: {str(spec_path)!r} is not a valid model spec ({exc})") from None
-    if spec.transforms:
-        import prunekit.methods  # noqa: F401  (the methods import the modules that register transforms)
     model = replay(build_model(spec.model, num_classes=spec.num_classes, in_channels=spec.in_channels),
                    spec.transforms)
     if spec.manifest is not None:

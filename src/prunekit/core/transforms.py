@@ -10,6 +10,7 @@ transformed model reloads identically with no pickles. Arguments must be JSON va
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -26,6 +27,9 @@ Transform = Callable[..., nn.Module]
 TRANSFORMS: Registry[Transform] = Registry("model transform")
 RECORD = "prunekit_transforms"
 """Attribute of the root module holding the applied transforms, in order."""
+BUILTIN = ("prunekit.core.hyperspherical", "prunekit.core.gates", "prunekit.core.scatter")
+"""Core modules that register transforms; imported on first replay. A transform registered
+elsewhere needs its module imported before a model using it is loaded."""
 
 
 def register_transform(name: str) -> Callable[[Transform], Transform]:
@@ -52,8 +56,10 @@ def recorded(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def replay(model: nn.Module, records: Sequence[dict[str, Any]]) -> nn.Module:
-    """Apply saved transform records to a freshly built model, in order (the modules that
-    register them must be imported first; the model format imports every built-in method)."""
+    """Apply saved transform records to a freshly built model, in order."""
+    if records:
+        for module in BUILTIN:
+            importlib.import_module(module)
     for entry in records:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
                 or not isinstance(entry.get("args", {}), dict):
