@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -13,7 +14,8 @@ from prunekit.cli.common import PLOT_FORMATS, check_plot_path, console
 from prunekit.cli.parsing import positive_float, positive_int
 from prunekit.errors import UserError
 from prunekit.io import atomic_path
-from prunekit.train.lr_plans import PRESETS, RETRAINING_PLANS, LRRewind, RetrainingPlan, build_lr_plan, epoch_table
+from prunekit.train.lr_plans import (LR_PLANS, PRESETS, RETRAINING_PLANS, LRRewind, RetrainingPlan, build_lr_plan,
+                                     epoch_table)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def plans_from_args(args: argparse.Namespace) -> dict[str, RetrainingPlan]:
     names = list(RETRAINING_PLANS) if args.name == ALL else [args.name]
     if args.name != ALL and args.name not in RETRAINING_PLANS:
         raise UserError(f"name: unknown retraining plan {args.name!r}; known: {', '.join(RETRAINING_PLANS)}, {ALL}")
-    needs_original = [n for n in names if n in ("lr_rewind", "weight_rewind")]
+    needs_original = [n for n in names if _replays_original(n)]
     if needs_original and args.original_epochs is None:
         raise UserError(f"--original-epochs: {needs_original[0]} replays the original schedule and needs its length T")
     if args.original != "step" and args.milestones is not None:
@@ -87,8 +89,13 @@ def plans_from_args(args: argparse.Namespace) -> dict[str, RetrainingPlan]:
         # build_lr_plan hands original_epochs, preset and original only to the plans that take them
         plans[name] = build_lr_plan(name, lr=args.lr, epochs=args.budget, steps_per_epoch=steps,
                                     original_epochs=args.original_epochs, preset=args.preset, original=args.original,
-                                    **(rewinding if name in ("lr_rewind", "weight_rewind") else {}))
+                                    **(rewinding if _replays_original(name) else {}))
     return plans
+
+
+def _replays_original(name: str) -> bool:
+    """True for plans that replay the original run's schedule (they take its milestones)."""
+    return "original_milestones" in inspect.signature(LR_PLANS.get(name)).parameters
 
 
 def run(args: argparse.Namespace) -> int:

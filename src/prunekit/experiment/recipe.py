@@ -95,7 +95,7 @@ class TrainSection(TrainSpec):
     """Dense training, or ``checkpoint:`` a saved model directory to start from instead.
 
     ``rewind_points``: epochs after which the weights are saved (``train/rewind/``) for weight
-    rewinding later; a ``retrain`` with ``lr_plan: weight_rewind`` adds the epoch it needs itself.
+    rewinding later; a retraining plan that rewinds weights adds the epoch it needs itself.
     """
 
     checkpoint: str | None = None

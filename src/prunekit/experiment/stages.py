@@ -12,7 +12,7 @@ uninterrupted run follow the same path. The stages know no method: the recipe's 
     RUN_DIR/
       recipe.yaml  run.json  result.json  metrics.jsonl  metrics.csv
       train/    checkpoints/last.pt  metrics.jsonl  model.*  stage.json     dense model
-      prune/    model.*  masks.safetensors  stage.json  (+ checkpoints/ for gradual methods)
+      prune/    model.*  masks.safetensors  stage.json  (+ checkpoints/ for methods that train)
       retrain/  checkpoints/last.pt  metrics.jsonl  model.*  masks.safetensors  stage.json
       final/    model.*  stage.json                 the compacted (or mask-squashed) final model
       evaluate/ layers.json  stage.json             accuracy, MACs, params, sparsity, per layer
