@@ -7,7 +7,9 @@ from safetensors.torch import load_file
 from prunekit.artifact import load_artifact
 from cli_runner import run_cli
 from prunekit.cli.main import main
+from prunekit.data import build_data
 from prunekit.measure import count_macs
+from prunekit.measure.accuracy import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -141,5 +143,36 @@ def test_config_prunes_the_configured_counts_masked_or_compacted_alike(capsys, t
 ])
 def test_bad_config_arguments_are_one_line_errors(capsys, tmp_path, resnet20_dir, args, message):
     code, _, err = run_cli(capsys, "prune", resnet20_dir, *args, "--out", tmp_path / "o")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_prunes_at_every_value_and_plots_the_curves(capsys, tmp_path, trained):
+    code, out, err = run_cli(capsys, "prune", trained, "--granularity", "weight", "--sweep",
+                             "target=weights=0.3,weights=0.9", "--out", tmp_path / "s")
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert [row["target"] for row in sweep["rows"]] == ["weights=0.3", "weights=0.9"]
+    for row, fraction in zip(sweep["rows"], (0.3, 0.9)):
+        assert row["realised_sparsity"] == pytest.approx(fraction, abs=1e-3)
+        pruned, _ = load_artifact(tmp_path / "s" / f"target=weights={fraction}")
+        accuracy = evaluate(pruned, build_data("digits").test, device=torch.device("cpu"), precision="fp32").accuracy
+        assert accuracy == row["test_acc_after_prune"]  # each value's model is the one measured
+    assert sweep["rows"][0]["test_acc_after_prune"] > sweep["rows"][1]["test_acc_after_prune"]
+    code, _, err = run_cli(capsys, "prune", trained, "--granularity", "weight", "--sweep", "target=weights=0.5",
+                           "--plot", tmp_path / "curve.png", "--plot-with", tmp_path / "s" / "sweep.json",
+                           "--out", tmp_path / "t")
+    assert code == 0, err
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "target"], "--sweep: expected KEY=V1,V2,..."),
+    (["--sweep", "target=weights=0.5,weights=1.5"], "--target: weights expects a fraction removed in [0, 1]"),
+    (["--target", "weights=0.5", "--plot", "x.png"], "--plot: draws a --sweep"),
+    (["--sweep", "target=weights=0.5", "--plot", "x.gif"], "--plot: expected a file name ending in"),
+])
+def test_bad_sweeps_are_one_line_errors_and_write_nothing(capsys, tmp_path, trained, args, message):
+    code, _, err = run_cli(capsys, "prune", trained, "--granularity", "weight", *args, "--out", tmp_path / "o")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
