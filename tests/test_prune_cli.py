@@ -176,3 +176,20 @@ def test_bad_sweeps_are_one_line_errors_and_write_nothing(capsys, tmp_path, trai
     code, _, err = run_cli(capsys, "prune", trained, "--granularity", "weight", *args, "--out", tmp_path / "o")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_channel_masks_are_never_compacted_as_if_they_were_filters(capsys, tmp_path, trained):
+    """Channel masks select input channels; compacting them as output channels was silently wrong."""
+    code, _, err = run_cli(capsys, "prune", trained, "--granularity", "channel", "--target", "filters=0.5",
+                           "--out", tmp_path / "c")
+    assert code == 2 and err.strip().splitlines() == [
+        "prunekit prune: error: --granularity: channel pruning selects input channels, which compaction cannot "
+        "remove (it removes filters); use filter"], err
+    from prunekit.core.masks import MaskSet
+    from prunekit.errors import UserError
+    model, _ = load_artifact(trained)
+    conv = next(name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    weight = dict(model.named_modules())[conv].weight
+    channel_masks = MaskSet.attach(model, {conv: torch.ones_like(weight, dtype=torch.bool)}, "channel")
+    with pytest.raises(UserError, match="only filter masks can be compacted"):
+        channel_masks.keep_indices()

@@ -72,8 +72,8 @@ class TargetedMethod(Method):
             raise ValueError(f"granularity: {reword(str(exc), 'granularity')}") from None
         self.granularity = granularity.name
         if granularity.name == "channel":
-            raise ValueError("granularity: channel pruning (input channels) cannot be compacted and is not "
-                             "offered by recipes; use filter")
+            raise ValueError("granularity: channel pruning selects input channels, which compaction "
+                             "cannot remove (it removes filters); use filter")
         if target.unit == "weights" and granularity.structured:
             raise ValueError(f"target: {target} does not fit granularity {granularity}, which removes whole "
                              f"{granularity.name}s; write filters=… (or macs=…)")
