@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunekit.errors import UserError
+from prunekit.registry import Registry
 from prunekit.train.config import TrainConfig
 from prunekit.train.lr_plans import LR_PLANS, build_lr_plan
 
@@ -30,6 +31,16 @@ def _check(ok: Callable[[Any], bool], expected: str) -> AfterValidator:
         if not ok(value):
             raise ValueError(f"expected {expected}, got {value!r}")
         return value
+
+    return AfterValidator(validate)
+
+
+def registered(registry: Registry) -> AfterValidator:
+    """A name of an entry of ``registry``; an unknown one lists the known ones."""
+    def validate(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"unknown {registry.kind} {name!r}; known: {', '.join(registry.names())}")
+        return name
 
     return AfterValidator(validate)
 
@@ -65,7 +76,7 @@ class TrainSpec(Section):
     steps: PositiveInt | None = None
     optimizer: Literal["sgd", "adamw", "adam"] = _TRAIN_DEFAULTS["optimizer"]
     lr: PositiveFloat = _TRAIN_DEFAULTS["lr"]
-    lr_plan: str = _TRAIN_DEFAULTS["lr_plan"]
+    lr_plan: Annotated[str, registered(LR_PLANS)] = _TRAIN_DEFAULTS["lr_plan"]
     lr_plan_args: dict[str, Any] = Field(default_factory=dict)
     momentum: HalfOpenFraction = _TRAIN_DEFAULTS["momentum"]
     nesterov: bool = _TRAIN_DEFAULTS["nesterov"]
@@ -78,13 +89,6 @@ class TrainSpec(Section):
     precision: Literal["auto", "bf16", "fp32"] = _TRAIN_DEFAULTS["precision"]
     channels_last: bool | None = _TRAIN_DEFAULTS["channels_last"]
     eval_every: PositiveInt = _TRAIN_DEFAULTS["eval_every"]
-
-    @field_validator("lr_plan")
-    @classmethod
-    def _known_plan(cls, name: str) -> str:
-        if name not in LR_PLANS:
-            raise ValueError(f"unknown LR plan {name!r}; known: {', '.join(LR_PLANS.names())}")
-        return name
 
     @model_validator(mode="after")
     def _plan_args(self) -> TrainSpec:

@@ -22,7 +22,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -31,7 +31,7 @@ from prunekit.data import DATASETS
 from prunekit.data.cifar import CIFAR10, CIFAR100, resolve_data_dir
 from prunekit.errors import UserError
 from prunekit.methods import METHODS, Method, plugins_for, validate_method
-from prunekit.schema import NonNegativeInt, PositiveInt, Section, TrainSpec
+from prunekit.schema import NonNegativeInt, PositiveInt, Section, TrainSpec, registered
 from prunekit.models import MODELS, TV_PREFIX
 
 LOGGERS = ("tensorboard", "mlflow")
@@ -75,20 +75,13 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    name: str
+    name: Annotated[str, registered(DATASETS)]
     data_dir: str | None = None
     batch_size: PositiveInt = 128
     test_batch_size: PositiveInt = 512
     subset: PositiveInt | None = None
     augment: bool = True
     download: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS.names())}")
-        return name
 
 
 class TrainSection(TrainSpec):

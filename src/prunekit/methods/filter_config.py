@@ -33,9 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from typing import Literal
-
-from pydantic import field_validator
+from typing import Annotated, Literal
 
 from prunekit.core.compaction import CompactionResult, compact
 from prunekit.core.granularity import Filter
@@ -48,6 +46,7 @@ from prunekit.methods.base import Method, MethodContext, PruneResult, register_m
 from prunekit.models.cifar_resnet import BasicBlock, CifarResNet
 from prunekit.models.cifar_vgg import CifarVGG
 from prunekit.registry import Registry
+from prunekit.schema import registered
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +234,8 @@ class FilterConfig(Method):
     """
 
     method: Literal["filter_config"]
-    config: str
+    config: Annotated[str, registered(FILTER_CONFIGS)]
     criterion: Literal["l1", "l2", "random"] = "l1"
-
-    @field_validator("config")
-    @classmethod
-    def _known_config(cls, name: str) -> str:
-        if name not in FILTER_CONFIGS:
-            raise ValueError(f"unknown filter-pruning configuration {name!r}; known: {', '.join(FILTER_CONFIGS.names())}")
-        return name
 
     def describe(self) -> dict:
         return {"target": f"config={self.config} ({self.criterion})", "granularity": "filter"}

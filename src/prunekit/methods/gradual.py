@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from prunekit.core.oneshot import filter_prunable_layers
@@ -23,7 +23,7 @@ from prunekit.core.sparsifier import Sparsifier
 from prunekit.errors import UserError
 from prunekit.methods.base import MethodContext, PruneResult, register_method
 from prunekit.methods.common import TargetedMethod
-from prunekit.schema import Fraction, PositiveInt, Section, TrainSpec
+from prunekit.schema import Fraction, PositiveInt, Section, TrainSpec, registered
 from prunekit.train.hooks import Hook
 
 if TYPE_CHECKING:
@@ -40,18 +40,11 @@ class ScheduleSpec(Section):
     The final sparsity is the ``prune.target`` fraction.
     """
 
-    name: str = "one_cycle"
+    name: Annotated[str, registered(SCHEDULES)] = "one_cycle"
     initial: Fraction = 0.0
     start: Fraction = 0.0
     end: Fraction = 1.0
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in SCHEDULES:
-            raise ValueError(f"unknown sparsity schedule {name!r}; known: {', '.join(SCHEDULES.names())}")
-        return name
 
 
 @register_method("gradual")
