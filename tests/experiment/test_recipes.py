@@ -103,6 +103,8 @@ MALFORMED = [
     ("checkpoint-and-training", edit("train", checkpoint="{tmp}/nope"), [], "train.checkpoint",
      "cannot be combined with epochs"),
     ("gradual-needs-train", edit("prune", method="gradual"), [], "prune.train", "required key is missing"),
+    ("target-removes-nothing", edit("prune", target="filters=0"), [], "prune.target", "filters=0 removes nothing"),
+    ("target-removes-all", edit("prune", target="macs=1.0"), [], "prune.target", "macs=1 would remove all macs"),
     ("gradual-macs", edit("prune", method="gradual", target="macs=0.5", train={}), [], "prune.target",
      "needs method oneshot"),
     ("gradual-schedule-name", edit("prune", method="gradual", train={}, schedule={"name": "cubic"}), [],

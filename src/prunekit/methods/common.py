@@ -40,9 +40,13 @@ class TargetedMethod(Method):
             raise ValueError(f"needs a unit: write weights={hint}, filters={hint} or macs={hint} "
                              "(the fraction removed)")
         try:
-            return str(parse_target(value))
+            target = parse_target(value)
         except UserError as exc:
             raise ValueError(reword(str(exc), "target")) from None
+        if not 0 < target.fraction < 1:
+            what = "removes nothing" if target.fraction == 0 else f"would remove all {target.unit}"
+            raise ValueError(f"{target} {what}; expected a fraction removed in (0, 1)")
+        return str(target)
 
     @field_validator("criterion")
     @classmethod
