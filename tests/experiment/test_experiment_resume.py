@@ -134,3 +134,20 @@ def test_sigkill_mid_epoch_of_gradual_pruning_then_resume_matches(capsys, tmp_pa
     final = json.loads((run_dir / "final" / "stage.json").read_text())
     evaluation = json.loads((run_dir / "evaluate" / "stage.json").read_text())
     assert final["compacted"] and final["macs"] < evaluation["dense_macs"]
+
+
+def test_resume_refuses_a_run_whose_recipe_was_edited(capsys, tmp_path):
+    from cli_runner import run_cli
+
+    recipe_path = write_recipe(tmp_path / "r.yaml", recipe(TINY, retrain=None, prune=None))
+    run_recipe(load_recipe(recipe_path), tmp_path / "runs")
+    (group,) = (tmp_path / "runs").glob("tiny-*")
+    run_dir = only_run(group)
+    stored = (run_dir / "recipe.yaml").read_text()
+    (run_dir / "recipe.yaml").write_text(stored.replace("epochs: 2", "epochs: 3"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".lock" not in p.name)
+    code, _, err = run_cli(capsys, "run", "--resume", run_dir)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no longer describes this run" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if ".lock" not in p.name) == before
+    (run_dir / "recipe.yaml").write_text(stored)  # the recorded recipe resumes (nothing left to do)
+    assert run_cli(capsys, "run", "--resume", run_dir)[0] == 0

@@ -125,6 +125,10 @@ def run_one(run_dir: Path, *, hooks_for: HooksFor | None = None, events: Events 
     if info is None:
         raise UserError(f"--resume: {str(run_dir)!r} has no {RUN_FILE}; expected a run directory")
     recipe = load_recipe(run_dir / RECIPE_FILE)
+    if recipe.digest() != info["recipe_hash"]:
+        raise UserError(f"--resume: {str(run_dir / RECIPE_FILE)!r} no longer describes this run (its digest "
+                        f"{recipe.digest()[:8]} differs from run.json's {info['recipe_hash'][:8]}); run the edited "
+                        "recipe as a new group with prunekit run")
     with _exclusive(run_dir):
         return _run_locked(run_dir, info, recipe, hooks_for, events, store)
 
