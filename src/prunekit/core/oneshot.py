@@ -15,7 +15,7 @@ from torch import nn
 from prunekit.core.compaction import CompactionResult, compact
 from prunekit.core.groups import channel_groups
 from prunekit.core.sparsifier import Sparsifier
-from prunekit.core.targets import compacted_macs, parse_target
+from prunekit.core.targets import parse_target, table_macs
 from prunekit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, gr
         layers = filter_prunable_layers(model, example_input)
         if not layers:
             raise UserError("model: no channel group of this model can be removed")
-        macs_of = compacted_macs(model, example_input) if parsed.unit == "macs" else None
+        macs_of = table_macs(model, example_input) if parsed.unit == "macs" else None
         sparsifier = Sparsifier(model, granularity, criterion, scope, layers, round_to=round_to,
                                 macs_of=macs_of, normalize=scope == "global", seed=seed)
         if parsed.unit == "macs" and scope == "local":
