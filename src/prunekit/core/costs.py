@@ -1,7 +1,7 @@
 """Per-layer MAC costs as a table: the MACs of any keep-set without copying or re-tracing the model.
 
-:meth:`CostModel.build` traces the model once (shapes only: convolutions and matrix products are
-not computed) and records every layer the MAC counter counts (:mod:`prunekit.measure.macs`): its
+:meth:`CostModel.build` traces the model once (shapes only: convolutions and linears are not
+computed) and records every layer the MAC counter counts (:mod:`prunekit.measure.macs`): its
 channels, groups, kernel, output size, bias and calls, and which channel groups
 (:mod:`prunekit.core.groups`) control each side. Removing root channels only lowers side
 counts: a side keeps its dense positions minus those of the removed channels (several per
@@ -309,11 +309,6 @@ _MOVES_CHANNELS = {
     F.conv_transpose3d, torch.index_select, Tensor.index_select, torch.gather, Tensor.gather,
 }
 """Ops whose output channels are not their input's (mixed, moved to another dim, or re-indexed)."""
-_SHAPE_ONLY = {
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear,
-    F.bilinear, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, torch.bmm, torch.einsum,
-}
-"""The costly ops: the trace gives zeros of their output's shape (found on the meta device)."""
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
@@ -322,14 +317,30 @@ def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
     return [t for t in flat if isinstance(t, Tensor)]
 
 
-def _zeros_like_output(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> Tensor:
-    def meta(value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            return type(value)(meta(v) for v in value)
-        return value.to("meta") if isinstance(value, Tensor) else value
+def _conv_output(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1) -> Tensor:
+    """Zeros shaped like ``F.conv{1,2,3}d``'s output (same arguments)."""
+    d = weight.dim() - 2
+    size = input.shape[-d:]
+    if padding != "same":
+        pad = (0,) * d if padding == "valid" else _per_dim(padding, d)
+        size = [(n + 2 * p - dl * (k - 1) - 1) // s + 1 for n, k, s, p, dl in
+                zip(size, weight.shape[2:], _per_dim(stride, d), pad, _per_dim(dilation, d))]
+    return input.new_zeros((*input.shape[:-d - 1], weight.shape[0], *size))
 
-    shape = func(*meta(args), **{k: meta(v) for k, v in kwargs.items()})
-    return torch.zeros(shape.shape, dtype=shape.dtype, device=_tensors(args, kwargs)[0].device)
+
+def _linear_output(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Zeros shaped like ``F.linear``'s output."""
+    return input.new_zeros((*input.shape[:-1], weight.shape[0]))
+
+
+def _per_dim(value: Any, d: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
+
+
+_SHAPE_ONLY: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
+    F.conv1d: _conv_output, F.conv2d: _conv_output, F.conv3d: _conv_output, F.linear: _linear_output}
+"""The costly ops: the trace gives zeros of their output's shape instead."""
 
 
 class _ChannelLabels(TorchFunctionMode):
@@ -340,8 +351,8 @@ class _ChannelLabels(TorchFunctionMode):
     channels join them, slices and splits cut them, a flatten repeats each channel's label
     over its spatial positions. A label is found by id and checked against a weak reference,
     so a freed tensor's id cannot pass its labels on. The trace needs shapes, not values:
-    convolutions and matrix products return zeros of their output's shape, so the pass costs
-    only its element-wise ops (a forward whose control flow depends on values sees zeros).
+    convolutions and linears return zeros of their output's shape, so the pass costs little
+    more than its element-wise ops (a forward whose control flow depends on values sees zeros).
     """
 
     def __init__(self) -> None:
@@ -360,7 +371,7 @@ class _ChannelLabels(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = _zeros_like_output(func, args, kwargs) if func in _SHAPE_ONLY else func(*args, **kwargs)
+        out = _SHAPE_ONLY.get(func, func)(*args, **kwargs)
         if func in _CAT:
             self._cat(args, kwargs, out)
         elif isinstance(out, (tuple, list)):
