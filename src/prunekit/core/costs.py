@@ -376,9 +376,12 @@ class _ChannelLabels(TorchFunctionMode):
             self._cat(args, kwargs, out)
         elif isinstance(out, (tuple, list)):
             self._split(args, kwargs, out)
-        elif isinstance(out, Tensor) and out.dim() >= 2 and func not in _MOVES_CHANNELS:
-            labels = self._index(args, out) if func is Tensor.__getitem__ else self._same(args, kwargs, out)
-            if labels is not None:
+        elif isinstance(out, Tensor):
+            labels = None if out.dim() < 2 or func in _MOVES_CHANNELS else (
+                self._index(args, out) if func is Tensor.__getitem__ else self._same(args, kwargs, out))
+            if labels is None:
+                self.drop(out)  # also an in-place op's result, whose old labels no longer hold
+            else:
                 self.set(out, labels)
         return out
 
