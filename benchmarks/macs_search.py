@@ -9,8 +9,11 @@ old code (``--before-src``, first on PYTHONPATH) and with this checkout's:
 * **search**: from the prunable layers to the filter masks, as ``prune_once`` does it (the
   ``MacsOf`` counter, the uniform share bisection in local scope, the MACs bisection in
   global scope); the process also builds the model and finds the layers (not timed).
-* **process**: the whole ``prunekit prune <dense dir> --target macs=0.5 --scope S`` command.
+* **process**: the whole ``prunekit prune <dense dir> --target macs=0.5 --scope S`` command;
+  ``imports_only`` is the floor of any such process (importing torch, torchvision, prunekit).
 
+Wall and CPU seconds are both recorded: on a shared machine CPU seconds are the fairer
+comparison (the ratios use them).
 With ``--phases``, where the time of this checkout's whole process goes (same steps as the
 CLI, timed one by one). Goal (issue 10): search under 5 s, process under 15 s and 4 GB.
 Writes benchmarks/results/macs_search.json.
@@ -54,18 +57,19 @@ def child_search(name: str, side: int, scope: str) -> dict:
     model, x = _model_and_input(name, side)
     layers = filter_prunable_layers(model, x)
     make = getattr(targets, "table_macs", None) or targets.compacted_macs
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     macs_of = make(model, x)
     sparsifier = Sparsifier(model, "filter", "l1", scope, layers, macs_of=macs_of, normalize=scope == "global")
     target = uniform_fraction_for_macs(sparsifier, TARGET, macs_of) if scope == "local" else f"macs={TARGET}"
     keep = sparsifier.plan(target)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     dense = macs_of({n: torch.ones_like(m) for n, m in keep.items()})
-    return {"seconds": round(seconds, 3), "counter": make.__name__, "achieved": round(macs_of(keep) / dense, 5)}
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "counter": make.__name__,
+            "achieved": round(macs_of(keep) / dense, 5)}
 
 
 def child_phases(name: str, side: int, scope: str) -> dict:
-    """This checkout's ``prunekit prune`` steps, one timer each (the CLI's order)."""
+    """This checkout's ``prunekit prune`` steps, one timer each (the CLI's order): CPU seconds."""
     import torch
 
     from prunekit.core.compaction import compact
@@ -77,9 +81,9 @@ def child_phases(name: str, side: int, scope: str) -> dict:
     times: dict[str, float] = {}
 
     def timed(label, fn, *args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         out = fn(*args, **kwargs)
-        times[label] = round(time.perf_counter() - start, 3)
+        times[label] = round(time.process_time() - start, 3)
         return out
 
     model, x = _model_and_input(name, side)
@@ -96,7 +100,7 @@ def child_phases(name: str, side: int, scope: str) -> dict:
     sparsifier.squash()
     timed("compaction (graph + removal + check)", compact, model, keep, x)
     timed("count_macs after", count_macs, model, x)
-    return {"seconds": times, "threads": torch.get_num_threads()}
+    return {"cpu_seconds": times, "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------------ parent
@@ -124,13 +128,14 @@ def _measure(command: list[str], src: Path, timeout: float) -> dict:
     if proc.returncode != 0:
         return {"error": stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}"}
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            **(json.loads(lines[-1]) if lines else {})}
+    return {"wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), **(json.loads(lines[-1]) if lines else {})}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before-src", type=Path, help="src/ of a checkout of the old code (required)")
+    parser.add_argument("--models", nargs="+", default=[name for name, _ in CASES], help="a subset of the cases")
     parser.add_argument("--phases", action="store_true", help="also time this checkout's prune steps")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per child process")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/macs_search.json")
@@ -151,9 +156,13 @@ def main() -> None:
     from prunekit.io import write_json
 
     sources = {"before": args.before_src.resolve(), "after": REPO / "src"}
+    load = [os.getloadavg()[0]]
+    floor = _measure([sys.executable, "-c", "import torch, torchvision, prunekit.cli.main"], sources["after"],
+                     args.timeout)
+    print(json.dumps({"imports_only": floor}), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, side in CASES:
+        for name, side in [(name, side) for name, side in CASES if name in args.models]:
             model, _ = _model_and_input(name, side)
             dense_dir = Path(tmp) / name.replace(":", "_")
             save_artifact(model, ModelSpec(model=name, num_classes=1000 if name.startswith("tv:") else 10,
@@ -169,16 +178,18 @@ def main() -> None:
                     row[f"process_{when}"] = _measure(prune, src, args.timeout)
                 for part in ("search", "process"):
                     before, after = row[f"{part}_before"], row[f"{part}_after"]
-                    key = "seconds" if part == "search" else "wall_s"
+                    key = "cpu_seconds" if part == "search" else "cpu_s"
                     if key in before and key in after:
-                        row[f"{part}_speedup"] = round(before[key] / after[key], 2)
+                        row[f"{part}_cpu_ratio"] = round(before[key] / after[key], 2)
                 if args.phases:
                     row["phases_after"] = _measure([sys.executable, __file__, "--child", "phases", "--model", name,
                                                     "--side", str(side), "--scope", scope], sources["after"],
                                                    args.timeout)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    write_json(args.out, {"rows": rows, "target": f"macs={TARGET}", "machine": machine_info(),
+    load.append(os.getloadavg()[0])
+    write_json(args.out, {"rows": rows, "imports_only": floor, "load_average_1min": load,
+                          "target": f"macs={TARGET}", "machine": machine_info(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                           "commits": {when: _commit(src) for when, src in sources.items()}})
 

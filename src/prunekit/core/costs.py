@@ -89,7 +89,7 @@ class CostModel:
         self._kernel = torch.tensor([c.kernel for c in sizes], dtype=torch.float64)
         self._bias = torch.tensor([float(c.bias) for c in sizes], dtype=torch.float64)
         self._calls = torch.tensor([c.calls for c in sizes], dtype=torch.float64)
-        self._groups = torch.tensor([c.groups if c.mixes else 1 for c in sizes], dtype=torch.float64)
+        self._conv_groups = torch.tensor([c.groups if c.mixes else 1 for c in sizes], dtype=torch.float64)
         self._dense = torch.tensor([n for c in sizes for n in (c.out_channels, c.in_channels if c.mixes else 1)],
                                    dtype=torch.float64)
         sides = [(2 * i + side, entries) for i, row in enumerate(rows)
@@ -131,24 +131,24 @@ class CostModel:
     def _per_call(self, gate: Tensor) -> Tensor:
         removed = torch.zeros_like(self._dense).index_add(0, self._slot, 1 - gate[self._channel])
         count = (self._dense - removed).view(-1, 2)
-        return count[:, 0] * self._spatial * (count[:, 1] / self._groups * self._kernel + self._bias)
+        return count[:, 0] * self._spatial * (count[:, 1] / self._conv_groups * self._kernel + self._bias)
 
     def _total(self, per_call: Tensor) -> int:
         return int((torch.round(per_call) * self._calls).sum())
 
     def _gate(self, values: Mapping[str, Tensor], soft: bool) -> Tensor:
         """One gate per channel of every removable group, in group order (1 where not named)."""
-        field_ = "gates" if soft else "keep"
+        what = "gates" if soft else "keep"
         chosen: dict[str, tuple[str, Tensor]] = {}
         for name, value in values.items():
             group = self._owner.get(name)
             if group is None:
-                raise UserError(f"{field_}: {name!r} is not a Conv/Linear layer of these channel groups")
-            value = _checked(field_, name, value, group.channels, soft)
+                raise UserError(f"{what}: {name!r} is not a Conv/Linear layer of these channel groups")
+            value = _checked(what, name, value, group.channels, soft)
             if group.blocked and (soft or not bool(value.all())):
                 raise UserError(f"cannot compact layer {name!r}: {group.blocked}")
             if group.root in chosen and not torch.equal(chosen[group.root][1], value):
-                raise UserError(f"{field_}: {chosen[group.root][0]!r} and {name!r} share their output channels "
+                raise UserError(f"{what}: {chosen[group.root][0]!r} and {name!r} share their output channels "
                                 "(one channel group) but were given different values")
             chosen[group.root] = (name, value)
         pieces = [chosen[g.root][1].to(torch.float64) if g.root in chosen else torch.ones(g.channels, dtype=torch.float64)
@@ -156,14 +156,14 @@ class CostModel:
         return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
 
 
-def _checked(field_: str, name: str, value: Tensor, channels: int, soft: bool) -> Tensor:
+def _checked(what: str, name: str, value: Tensor, channels: int, soft: bool) -> Tensor:
     value = torch.as_tensor(value).cpu()
     kind = "a float gate" if soft else "a boolean mask"
-    if value.shape != (channels,) or (value.is_floating_point() != soft) or (not soft and value.dtype != torch.bool):
-        raise UserError(f"{field_}[{name!r}]: expected {kind} over its {channels} output channels, "
+    if value.shape != (channels,) or not (value.is_floating_point() if soft else value.dtype == torch.bool):
+        raise UserError(f"{what}[{name!r}]: expected {kind} over its {channels} output channels, "
                         f"got {value.dtype} of shape {tuple(value.shape)}")
     if not soft and not bool(value.any()):
-        raise UserError(f"{field_}[{name!r}]: would keep no channel")
+        raise UserError(f"{what}[{name!r}]: would keep no channel")
     return value
 
 
