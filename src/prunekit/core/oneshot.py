@@ -8,29 +8,34 @@ filters for good is :func:`prunekit.core.compaction.compact_masked`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from prunekit.core.sparsifier import Sparsifier
-from prunekit.core.targets import compacted_macs, parse_target
+from prunekit.core.targets import parse_target, table_macs
 from prunekit.errors import UserError
+
+if TYPE_CHECKING:
+    from prunekit.core.groups import ChannelGroup
 
 log = logging.getLogger(__name__)
 
 
-def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor) -> list[str]:
+def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor,
+                           groups: Sequence[ChannelGroup] | None = None) -> list[str]:
     """Roots of the channel groups that can be removed, classifier outputs excluded.
 
     A group coupled to something that cannot shrink (an option-A shortcut, a grouped conv, a
     LayerNorm across channels) is left out, so residual widths of such models stay whole. Each
-    group is ranked by its root layer's filters.
+    group is ranked by its root layer's filters. ``groups``: the model's channel groups, if built.
     """
     from prunekit.core.groups import channel_groups  # Torch-Pruning only when asked for
 
     classifier = next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
-    groups = channel_groups(model, example_input)
+    groups = groups if groups is not None else channel_groups(model, example_input)
     for group in groups:
         if group.blocked:
             log.info("not pruning group %s: %s", group.root, group.blocked)
@@ -52,10 +57,13 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, gr
     if parsed.unit == "macs" and granularity != "filter":
         raise UserError(f"target: {parsed} needs granularity filter (removing weights saves no MACs)")
     if granularity in ("filter", "channel"):
-        layers = filter_prunable_layers(model, example_input)
+        from prunekit.core.groups import channel_groups
+
+        groups = channel_groups(model, example_input)
+        layers = filter_prunable_layers(model, example_input, groups)
         if not layers:
             raise UserError(f"model: no channel group of this {type(model).__name__} can be removed")
-        macs_of = compacted_macs(model, example_input) if parsed.unit == "macs" else None
+        macs_of = table_macs(model, example_input, groups) if parsed.unit == "macs" else None
         sparsifier = Sparsifier(model, granularity, criterion, scope, layers, round_to=round_to,
                                 macs_of=macs_of, normalize=scope == "global", seed=seed)
     else:

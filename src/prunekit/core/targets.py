@@ -7,16 +7,18 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunekit.errors import UserError
-from prunekit.measure.macs import count_macs
+
+if TYPE_CHECKING:
+    from prunekit.core.groups import ChannelGroup
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +115,13 @@ def bisect_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: Ma
     return masks(low)
 
 
-def compacted_macs(model: nn.Module, example_input: torch.Tensor) -> MacsOf:
-    """A ``MacsOf`` that compacts a copy of ``model`` (Torch-Pruning) and counts it with ``count_macs``.
+def table_macs(model: nn.Module, example_input: torch.Tensor,
+               groups: Sequence[ChannelGroup] | None = None) -> MacsOf:
+    """A ``MacsOf`` read from the model's per-layer cost table (:class:`~prunekit.core.costs.CostModel`).
 
-    Exact for any model compaction supports, but each call copies the model and builds its
-    dependency graph; an analytic counter is faster where the architecture is known.
+    One trace of the model; each call then costs a few tensor ops and equals ``count_macs`` on
+    the model compacted to the masks. ``groups``: the model's channel groups, if already built.
     """
-    from prunekit.core.compaction import remove_output_channels  # Torch-Pruning only when asked for
+    from prunekit.core.costs import CostModel  # Torch-Pruning only when asked for
 
-    def macs_of(keep: Mapping[str, torch.Tensor]) -> int:
-        pruned = copy.deepcopy(model)
-        remove_output_channels(pruned, {n: m.flatten().nonzero().flatten() for n, m in keep.items()},
-                               example_input)
-        return count_macs(pruned, example_input).total
-
-    return macs_of
+    return CostModel.build(model, example_input, None if groups is None else list(groups)).macs
