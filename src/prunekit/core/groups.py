@@ -6,13 +6,19 @@ the input channels of consumers, depthwise convs, concatenation slots, layer sca
 group is named by its root: the first layer in module order whose output channels it holds.
 
 A group is *blocked* when masking its channels would not compute what removing them does,
-or when Torch-Pruning cannot follow it; its ``blocked`` field says which op and why.
+or when Torch-Pruning cannot follow it; its ``blocked`` field says which op and why. Walking
+a group takes bounded time and memory (a shifted-window attention would otherwise never end),
+and an error inside Torch-Pruning is a :class:`~prunekit.errors.UserError` naming the model.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
@@ -20,13 +26,19 @@ from torch import nn
 
 from prunekit.core.selection import keep_count
 from prunekit.errors import UserError
-from prunekit.models.cifar_resnet import PadShortcut
 
-_OPAQUE: dict[type[nn.Module], str] = {
-    PadShortcut: "coupled to an option-A zero-padding shortcut (PadShortcut), whose channel offset "
-    "Torch-Pruning cannot follow",
-}
+log = logging.getLogger(__name__)
+_TP_DIR = os.path.dirname(tp.__file__)
+
+_OPAQUE: dict[type[nn.Module], str] = {}
 """Parameter-free layers Torch-Pruning would wrongly treat as element-wise: never pruned through."""
+
+WORK_PER_CHANNEL, WORK_LIMIT = 8192, 8_000_000
+"""Indices the walk of one group may map, per root channel and in all; past them the group is blocked.
+
+Real couplings stay far below: a ViT-B/16 residual stream maps about 1000 per channel, a
+DenseNet-121 block about 850, a VGG flatten about 350.
+"""
 
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
 _SUPPORTED = (*_ROOTS, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
@@ -57,6 +69,17 @@ class _OpaquePruner(tp.pruner.BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int | None:
         return getattr(layer, "in_channels", None)
+
+
+def register_opaque(cls: type[nn.Module], why: str) -> None:
+    """Never prune through layers of type ``cls``; a group coupled to one is blocked with ``why``.
+
+    For parameter-free layers that move channels (padding, offsets) which Torch-Pruning would
+    treat as element-wise.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_opaque: expected an nn.Module subclass, got {cls!r}")
+    _OPAQUE[cls] = why
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,11 +174,14 @@ class ChannelGroup:
 
 
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of ``model`` (traced in eval mode; the training flag is restored)."""
+    """Torch-Pruning's graph of ``model`` (traced in eval mode; the training flag is restored).
+
+    A model Torch-Pruning cannot trace raises a :class:`UserError` naming the model and the op.
+    """
     modes = {m: m.training for m in model.modules()}
     pruner = _OpaquePruner()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _refused(model, "build its channel dependency graph"):
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_input, verbose=False,
                 customized_pruners={cls: pruner for cls in _OPAQUE},
@@ -170,7 +196,8 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: Iterab
     """Every channel group of the model's Conv/Linear layers, in module order.
 
     ``layers`` keeps only the groups holding the output channels of one of those layers.
-    ``graph`` reuses a graph from :func:`dependency_graph` built on the same model.
+    ``graph`` reuses a graph from :func:`dependency_graph` built on the same model. The walk of
+    each group is bounded (see :func:`_pruning_group`); one that cannot finish is blocked.
     """
     graph = graph or dependency_graph(model, example_input)
     names = {module: name for name, module in model.named_modules()}
@@ -178,16 +205,17 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, layers: Iterab
     wanted = None if layers is None else set(layers)
     seen: set[str] = set()
     groups = []
-    for name, module in model.named_modules():
-        if name in seen or not isinstance(module, _ROOTS) or module not in graph.module2node:
-            continue
-        pruner = graph.get_pruner_of_module(module)
-        channels = pruner.get_out_channels(module)
-        tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
-        group = _describe(graph, tp_group, name, channels, names, params)
-        seen.update(group.out_layers)
-        if wanted is None or wanted & set(group.out_layers):
-            groups.append(group)
+    with _refused(model, "enumerate its channel groups"):
+        tp.dependency.index_mapping.update_index_mapping(graph)
+        for name, module in model.named_modules():
+            if name in seen or not isinstance(module, _ROOTS) or module not in graph.module2node:
+                continue
+            channels = graph.get_pruner_of_module(module).get_out_channels(module)
+            items, stopped = _pruning_group(graph, module, channels, names)
+            group = _describe(graph, items, name, channels, names, params, stopped)
+            seen.update(group.out_layers)
+            if wanted is None or wanted & set(group.out_layers):
+                groups.append(group)
     return groups
 
 
@@ -207,14 +235,90 @@ def group_masks(groups: Iterable[ChannelGroup], keep: dict[str, torch.Tensor]) -
     return out
 
 
-def _describe(graph: tp.DependencyGraph, tp_group: tp.Group, root: str, channels: int,
-              names: dict[nn.Module, str], params: dict[nn.Parameter, str]) -> ChannelGroup:
+@dataclass(frozen=True)
+class _Item:
+    """One dependency of a group: the indices it removes on its target, and their root channels."""
+
+    dep: tp.Dependency
+    idxs: list[int]
+    root_idxs: list[int]
+
+
+def _pruning_group(graph: tp.DependencyGraph, module: nn.Module, channels: int,
+                   names: dict[nn.Module, str]) -> tuple[list[_Item], str | None]:
+    """What ``graph.get_pruning_group(module, prune_out_channels, all channels)`` returns, bounded.
+
+    The same closure: every index (with its root channel) reachable from the root's channels
+    through the dependencies and their index mappings, merged per (target, handler). Torch-Pruning
+    re-walks a path whenever an index list differs from those seen before, which never ends
+    when its mappings send two root channels to one position (shifted windows, grid attention);
+    here each index is followed once, the walk stops at the first such position, and at the
+    latest after :data:`WORK_PER_CHANNEL` (at most :data:`WORK_LIMIT`) mapped indices. The second
+    value says why it stopped.
+    """
+    fn = graph.get_pruner_of_module(module).prune_out_channels
+    if isinstance(module, tp.ops.TORCH_CONV) and module.groups == module.out_channels > 1:
+        fn = tp.pruner.function.prune_depthwise_conv_out_channels  # as get_pruning_group does
+    node = graph.module2node[module]
+    stack = [(tp.Dependency(fn, fn, source=node, target=node),
+              [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in range(channels)])]
+    deps = {(node, fn): stack[0][0]}
+    roots = {(node, fn): {i: i for i in range(channels)}}  # (target, handler) -> index -> root channel
+    work, budget = 0, min(WORK_LIMIT, WORK_PER_CHANNEL * channels)
+    try:
+        while stack:
+            dep, idxs = stack.pop()
+            for new in dep.target.dependencies:
+                if not new.is_triggered_by(dep.handler):
+                    continue
+                mapped = idxs
+                work = _spend(work, len(mapped), budget, new.target, names)
+                for mapping in (m for m in new.index_mapping if m is not None):
+                    work = _spend(work, _mapped_size(mapping, len(mapped)), budget, new.target, names)
+                    mapped = mapping(mapped)
+                key = (new.target, new.handler)
+                deps.setdefault(key, new)
+                seen = roots.setdefault(key, {})
+                fresh = [i for i in dict.fromkeys(mapped) if _fresh(seen, i, new.target, names)]
+                if fresh:
+                    stack.append((new, fresh))
+        stopped = None
+    except _Stop as exc:
+        stopped = str(exc)
+    log.debug("group of %r: %d indices mapped", names[module], work)
+    return [_Item(deps[key], list(at), list(at.values())) for key, at in roots.items() if at], stopped
+
+
+class _Stop(Exception):
+    """The walk of a group cannot go on; the message says why (a blocking reason)."""
+
+
+def _spend(work: int, n: int, budget: int, at: tp.Node, names: dict[nn.Module, str]) -> int:
+    if work + n > budget:
+        raise _Stop(f"Torch-Pruning's channel coupling did not close within {budget} mapped indices "
+                    f"(at {_op(at, names)})")
+    return work + n
+
+
+def _fresh(seen: dict[int, int], index: tp._helpers._HybridIndex, at: tp.Node, names: dict[nn.Module, str]) -> bool:
+    """Record ``index`` at a target: False when already there, :class:`_Stop` when from another root."""
+    if index.idx not in seen:
+        seen[index.idx] = index.root_idx
+        return True
+    if seen[index.idx] != index.root_idx:
+        raise _Stop(f"Torch-Pruning sends two of its channels to one position at {_op(at, names)}, "
+                    "which removal cannot follow")
+    return False
+
+
+def _describe(graph: tp.DependencyGraph, items: list[_Item], root: str, channels: int,
+              names: dict[nn.Module, str], params: dict[nn.Parameter, str], stopped: str | None) -> ChannelGroup:
     members: list[tuple[str, str]] = []
     coupled: list[Coupled] = []
-    blocked: dict[str, list[str]] = {}  # why -> layer names
+    blocked: dict[str, list[str]] = {stopped: []} if stopped else {}  # why -> layer names
     reorders: dict[str, list[str]] = {}  # why -> ops that reorder channels
-    reshaped = any(item.dep.target.type == tp.ops.OPTYPE.RESHAPE for item in tp_group)
-    for item in tp_group:
+    reshaped = any(item.dep.target.type == tp.ops.OPTYPE.RESHAPE for item in items)
+    for item in items:
         node, module = item.dep.target, item.dep.target.module
         if isinstance(module, nn.Parameter):
             coupled.append(_coupled(params[module], module, node.pruning_dim, item))
@@ -248,6 +352,44 @@ def _describe(graph: tp.DependencyGraph, tp_group: tp.Group, root: str, channels
             blocked.setdefault(_RESHAPE, []).append(c.param)
     return ChannelGroup(root, channels, tuple(members), tuple(coupled), _reason(blocked))
 
+
+def _mapped_size(mapping: object, n: int) -> int:
+    """Most indices ``mapping`` returns for ``n``: Torch-Pruning's flatten mapping multiplies by its stride."""
+    return n if getattr(mapping, "reverse", True) else n * getattr(mapping, "_stride", 1)
+
+
+@contextmanager
+def _refused(model: nn.Module, task: str) -> Iterator[None]:
+    """An error raised inside Torch-Pruning becomes one line naming the model and the op it was at."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        frames = [f for f, _ in traceback.walk_tb(exc.__traceback__)]
+        if not any(f.f_code.co_filename.startswith(_TP_DIR) for f in frames):
+            raise  # prunekit's own failure, not the user's
+        held = ([v for v in f.f_locals.values() if isinstance(v, tp.Node)] for f in reversed(frames))
+        node = next((nodes[0] for nodes in held if nodes), None)  # the innermost frame's first node
+        at = f" at {_op(node, {m: n for n, m in model.named_modules()})}" if node is not None else ""
+        detail = "".join(str(exc).splitlines()[:1])
+        raise UserError(f"{type(model).__name__}: Torch-Pruning cannot {task}: {type(exc).__name__}{at}"
+                        f"{': ' + detail if detail else ''}") from exc
+
+
+def _op(node: tp.Node, names: dict[nn.Module, str]) -> str:
+    """A node as a user can find it: its layer's name, or its op and the nearest layer before it."""
+    if node.module in names:
+        return repr(names[node.module])
+    op = node.grad_fn.name() if hasattr(node.grad_fn, "name") else type(node.module).__name__
+    todo, seen = list(node.inputs), set()
+    while todo and len(seen) < 100:
+        before = todo.pop(0)
+        if before.module in names:
+            return f"{op} after {names[before.module]!r}"
+        seen.add(before)
+        todo.extend(n for n in before.inputs if n not in seen)
+    return op
 
 
 def _reason(blocked: dict[str, list[str]]) -> str | None:

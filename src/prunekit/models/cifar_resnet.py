@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.core.groups import register_opaque
+
 Shortcut = Literal["A", "B"]
 
 
@@ -41,6 +43,10 @@ class PadShortcut(nn.Module):
     def extra_repr(self) -> str:
         sizes = f"{self.in_channels}, {self.out_channels}"
         return f"{sizes}, stride={self.stride}, offset={self.offset}"
+
+
+register_opaque(PadShortcut, "coupled to an option-A zero-padding shortcut (PadShortcut), whose channel "
+                "offset Torch-Pruning cannot follow")
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
