@@ -130,3 +130,14 @@ def test_console_entry_point_runs(tmp_path):
                           text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["macs"] == 40_932_032
+
+
+def test_eval_checks_the_model_against_the_data_set_up_front(capsys, tmp_path):
+    from prunekit.artifact import ModelSpec, save_artifact
+    from prunekit.models import build_model
+
+    save_artifact(build_model("resnet20"), ModelSpec(model="resnet20", num_classes=10, data="cifar10"), tmp_path)
+    code, _, err = run_cli(capsys, "eval", tmp_path, "--data", "digits")
+    assert code == 2 and err.strip().splitlines() == [
+        "prunekit eval: error: --data: the model takes 3x32x32 inputs with 10 classes (cifar10); digits has "
+        "1x8x8 inputs with 10 classes"], err

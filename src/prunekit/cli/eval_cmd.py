@@ -11,6 +11,7 @@ from prunekit.cli.common import add_device_argument, console, key_value_table
 from prunekit.cli.parsing import positive_int
 from prunekit.data import build_data
 from prunekit.device import resolve_device, resolve_precision
+from prunekit.errors import UserError
 from prunekit.measure.accuracy import evaluate
 
 
@@ -31,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     data_name = args.data or spec.data or "cifar10"
     data = build_data(data_name, data_dir=args.data_dir, batch_size=args.batch_size,
                       test_batch_size=args.batch_size, augment=False)
+    if tuple(data.input_shape) != tuple(spec.input_shape) or data.num_classes != spec.num_classes:
+        raise UserError(f"--data: the model takes {'x'.join(map(str, spec.input_shape))} inputs with "
+                        f"{spec.num_classes} classes ({spec.data or 'its data set'}); {data_name} has "
+                        f"{'x'.join(map(str, data.input_shape))} inputs with {data.num_classes} classes")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     result = evaluate(model.to(device), data.test, device=device, precision=precision)
