@@ -13,11 +13,13 @@ the masks back on the loaded model. Every writer (CLI or recipe stage) goes thro
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -88,18 +90,41 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ModelSpec]:
         spec = ModelSpec(**{**raw, "input_shape": tuple(raw["input_shape"])})
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"model: {str(spec_path)!r} is not a valid model spec ({exc})") from None
+    _check_spec(spec, spec_path)
     model = replay(build_model(spec.model, num_classes=spec.num_classes, in_channels=spec.in_channels),
                    spec.transforms)
     if spec.manifest is not None:
         apply_manifest(model, Manifest.from_dict(spec.manifest), spec.example_input())
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"model: cannot read {str(directory / WEIGHTS_NAME)!r} ({exc})") from None
     if missing or unexpected:
         raise UserError(f"model: weights in {str(directory)!r} do not fit {spec.model!r} "
                         f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     return model, spec
+
+
+MAX_CLASSES, MAX_CHANNELS, MAX_INPUT_ELEMENTS = 1_000_000, 4096, 3 * 4096 * 4096
+
+
+def _check_spec(spec: ModelSpec, path: Path) -> None:
+    """One line naming the field of a model.json whose numbers no model could have."""
+    def whole(value: object, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    where = f"model: {str(path)!r}"
+    if not whole(spec.num_classes, 1, MAX_CLASSES):
+        raise UserError(f"{where}: num_classes expects an integer in [1, {MAX_CLASSES:,}], got {spec.num_classes!r}")
+    if not whole(spec.in_channels, 1, MAX_CHANNELS):
+        raise UserError(f"{where}: in_channels expects an integer in [1, {MAX_CHANNELS}], got {spec.in_channels!r}")
+    shape = spec.input_shape
+    if not shape or not all(whole(d, 1, MAX_INPUT_ELEMENTS) for d in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise UserError(f"{where}: input_shape expects positive integers (at most {MAX_INPUT_ELEMENTS:,} elements), "
+                        f"got {list(shape)!r}")
+    if shape[0] != spec.in_channels:
+        raise UserError(f"{where}: input_shape {list(shape)!r} starts with {shape[0]} channels, in_channels is "
+                        f"{spec.in_channels}")
 
 
 def load_masks(model: nn.Module, spec: ModelSpec, directory: str | Path) -> MaskSet | None:

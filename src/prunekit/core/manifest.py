@@ -58,6 +58,9 @@ class Manifest:
                 raise UserError(f"manifest: layer {root!r} needs integer 'channels' and a 'kept' list") from None
             if not indices or sorted(set(indices)) != list(indices) or indices[-1] >= width or indices[0] < 0:
                 raise UserError(f"manifest: layer {root!r}: 'kept' must be sorted distinct indices in [0, {width})")
+            if layer.get("width", len(indices)) != len(indices):
+                raise UserError(f"manifest: layer {root!r}: 'width' {layer['width']!r} contradicts the "
+                                f"{len(indices)} kept channels")
             channels[root], kept[root] = width, indices
         return cls(channels, kept)
 
@@ -72,6 +75,8 @@ def apply_manifest(model: nn.Module, manifest: Manifest, example_input: torch.Te
     modules = dict(model.named_modules())
     for root, width in manifest.channels.items():
         layer = modules.get(root)
+        if layer is None:
+            raise UserError(f"manifest: names layer {root!r}, which this {type(model).__name__} does not have")
         dense = getattr(layer, "out_channels", getattr(layer, "out_features", None))
         if dense != width:
             raise UserError(f"manifest: layer {root!r} has {dense} output channels in this model, "
