@@ -49,10 +49,12 @@ class ProgressHook(Hook):
 
     def on_epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         test = f"  test acc {metrics.test_acc:.4f}" if metrics.test_acc is not None else ""
+        extras = "".join(f"  {key.replace('_', ' ')} {value:.4g}" for key, value in metrics.extra.items()
+                         if "/" not in key and isinstance(value, (int, float)) and not isinstance(value, bool))
         self.console.print(
             f"epoch {metrics.epoch}/{trainer.total_epochs}  loss {metrics.train_loss:.4f}  "
             f"train acc {metrics.train_acc:.4f}{test}  {metrics.images_per_s:.0f} img/s  "
-            f"lr {metrics.lr:.2e}  {metrics.epoch_time_s:.0f} s"
+            f"lr {metrics.lr:.2e}  {metrics.epoch_time_s:.0f} s{extras}"
         )
 
     def on_train_end(self, trainer: Trainer) -> None:

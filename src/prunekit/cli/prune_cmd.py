@@ -144,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
                        f"({summary['params_after'] / summary['params_before']:.3f}x)")]
     if "realised_sparsity" in summary:
         rows.append(("removed", f"{summary['realised_sparsity']:.4f} of the {summary['realised_covers']}"))
-    rows.append(("compacted", "yes" if summary["compacted"] else "no (zeros in place; masks in masks.safetensors)"))
+    if "sparsity_line" in summary:  # a method's own account (e.g. a refilled model is mask + constant)
+        rows.append(("sparsity", summary["sparsity_line"]))
+    rows.append(("compacted", "yes" if summary["compacted"] else
+                 "no (zeros in place; masks in masks.safetensors)" if (args.out / "masks.safetensors").is_file()
+                 else "no (dense shapes, no masks)"))
     if "test_acc_after_prune" in summary:
         rows.append(("test accuracy right after pruning", f"{summary['test_acc_after_prune']:.4f}"))
     rows.append(("saved to", str(args.out)))

@@ -1,7 +1,7 @@
 """Pruning methods, one file each, on the plug-in interface of :mod:`prunekit.methods.base`.
 
 Importing this package registers the built-in methods (``oneshot``, ``gradual``,
-``filter_config``) and retraining extensions (weight and LR rewinding). A method registered
+``filter_config``, ``hyperspherical``) and retraining extensions (weight and LR rewinding). A method registered
 elsewhere (a user's module, a test) works through ``prunekit run`` and ``prunekit prune`` the
 same way: see docs/architecture.md, "Adding a method".
 """
