@@ -100,8 +100,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     root = Path((os.environ.get(ENV_VAR) or "data") if data_dir is None else data_dir).expanduser()
     blocker = blocking_file(root)
     if blocker is not None:
-        where = "is a file" if blocker == root else f"lies under the file '{blocker}'"
-        raise UserError(f"data dir '{root}' {where}, not a directory; pass --data-dir DIR or set "
+        where = "is a file, not a directory" if blocker == root else f"lies under the file '{blocker}'"
+        raise UserError(f"data dir '{root}' {where}; pass --data-dir DIR or set "
                         f"{ENV_VAR} to the folder holding the data")
     return root
 
