@@ -154,6 +154,11 @@ class ResultsStore:
             yield conn
 
     # ------------------------------------------------------------------ writes
+    def ensure(self) -> None:
+        """Create the store (file and table) if absent, so an unusable path fails before a run starts."""
+        with self.connect():
+            pass
+
     def start(self, row: dict[str, Any]) -> None:
         """Insert a run as ``running`` (or reset an existing row of the same id for a resumed run)."""
         unknown = set(row) - set(COLUMNS)
