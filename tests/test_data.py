@@ -257,6 +257,11 @@ def test_data_dir_naming_a_file_says_so(relative, message, download, tmp_path, m
     assert calls == [] and (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_data_dir_of_an_unknown_users_home_is_one_line():
+    with pytest.raises(UserError, match=r"^data dir '~no-such-user-h6/cifar': cannot expand '~'"):
+        resolve_data_dir("~no-such-user-h6/cifar")
+
+
 def test_prunekit_data_naming_a_file_says_so(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("PRUNEKIT_DATA", str(tmp_path / "file"))

@@ -97,7 +97,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is not None and not os.fspath(data_dir).strip():
         raise UserError(f"data dir is an empty string (--data-dir, data.data_dir); name a directory, "
                         f"or leave it unset to use ${ENV_VAR} or ./data")
-    root = Path((os.environ.get(ENV_VAR) or "data") if data_dir is None else data_dir).expanduser()
+    given = Path((os.environ.get(ENV_VAR) or "data") if data_dir is None else data_dir)
+    try:
+        root = given.expanduser()
+    except RuntimeError:  # ~user of an unknown user, or no home directory
+        raise UserError(f"data dir '{given}': cannot expand '~' (unknown user or no home "
+                        "directory); pass --data-dir DIR") from None
     blocker = blocking_file(root)
     if blocker is not None:
         where = "is a file, not a directory" if blocker == root else f"lies under the file '{blocker}'"
