@@ -66,7 +66,7 @@ YAML_SPECIALS = list(":-[]{},'\"\t#&*!|>%@`? \n")
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.sampled_from([0, -1, 1, 2**31, 2**63, 10**12, 10**100]),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20), st.sampled_from(TOKENS),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=20), st.sampled_from(TOKENS),
 )
 values = st.recursive(
     scalars,
