@@ -21,6 +21,8 @@ from prunekit.data.imagefolder import build_imagefolder
 from prunekit.data.loader import LoaderOptions
 from prunekit.errors import UserError
 
+from cifar_files import (Payload, dump_python2, official_batch, payloads, write_fake_cifar,
+                         write_payload_batch)
 from conftest import SHARED_DATA as DATA
 MEAN, STD = (0.5, 0.25, 0.75), (0.2, 0.3, 0.4)
 
@@ -30,21 +32,6 @@ def cifar_root() -> Path:
     if not (DATA / "cifar-10-batches-py").is_dir():
         pytest.skip(f"real CIFAR-10 not found at {DATA}/cifar-10-batches-py")
     return DATA
-
-
-def write_fake_cifar(root: Path, spec: cifar.CifarSpec, per_file: int = 20) -> Path:
-    """Write a small, well-formed copy of ``spec``'s files under ``root / spec.folder``."""
-    folder = root / spec.folder
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in spec.train_files + spec.test_files:
-        batch = {
-            "data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-            spec.label_key: (np.arange(per_file) % spec.num_classes).tolist(),
-        }
-        with (folder / name).open("wb") as handle:
-            pickle.dump(batch, handle)
-    return folder
 
 
 def labelled_loader(n: int, **kwargs) -> TensorLoader:
@@ -242,6 +229,44 @@ def test_resolve_data_dir_default(monkeypatch):
     monkeypatch.delenv("PRUNEKIT_DATA", raising=False)
     assert resolve_data_dir(None) == Path("data")
     assert resolve_data_dir("somewhere") == Path("somewhere")
+    assert resolve_data_dir("somewhere/deeper") == Path("somewhere/deeper")  # need not exist
+
+
+@pytest.mark.parametrize("data_dir", ["", "  "])
+def test_empty_data_dir_is_refused_and_creates_nothing(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PRUNEKIT_DATA", raising=False)
+    with pytest.raises(UserError, match=r"^data dir is an empty string \(--data-dir, data.data_dir\)"):
+        build_data("cifar10", data_dir=data_dir, download=True)
+    assert list(tmp_path.iterdir()) == []  # no ./data
+
+
+@pytest.mark.parametrize(("relative", "message"), [
+    ("file", "data dir '{root}/file' is a file, not a directory; pass --data-dir DIR"),
+    ("file/cifar", "data dir '{root}/file/cifar' lies under the file '{root}/file'; pass --data-dir DIR"),
+])
+@pytest.mark.parametrize("download", [False, True])
+def test_data_dir_naming_a_file_says_so(relative, message, download, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    calls = []
+    monkeypatch.setattr(cifar, "download_and_extract_archive", lambda *a, **k: calls.append(a))
+    for name in ("cifar10", "imagefolder"):
+        with pytest.raises(UserError) as err:
+            build_data(name, data_dir=str(tmp_path / relative), download=download)
+        assert str(err.value).startswith(message.format(root=tmp_path)) and "\n" not in str(err.value)
+    assert calls == [] and (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_data_dir_of_an_unknown_users_home_is_one_line():
+    with pytest.raises(UserError, match=r"^data dir '~no-such-user-h6/cifar': cannot expand '~'"):
+        resolve_data_dir("~no-such-user-h6/cifar")
+
+
+def test_prunekit_data_naming_a_file_says_so(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PRUNEKIT_DATA", str(tmp_path / "file"))
+    with pytest.raises(UserError, match="is a file, not a directory; pass --data-dir DIR or set PRUNEKIT_DATA"):
+        build_data("cifar10", download=False)
 
 
 def test_missing_dir_without_download_is_one_line(tmp_path):
@@ -261,6 +286,17 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch, failure):
         build_data("cifar10", data_dir=str(tmp_path))
     message = str(err.value)
     assert "\n" not in message and "--data-dir" in message and "no network" in message
+
+
+def test_download_into_an_unwritable_folder_is_not_called_a_network_failure(tmp_path, monkeypatch):
+    def fail(url, download_root, md5):
+        raise PermissionError(13, "Permission denied", download_root)
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", fail)
+    with pytest.raises(UserError) as err:
+        build_data("cifar10", data_dir=str(tmp_path / "data"))
+    assert str(err.value) == (f"cannot write CIFAR-10 into '{tmp_path / 'data'}': Permission denied; pass "
+                              "--data-dir DIR or set PRUNEKIT_DATA to a writable folder")
 
 
 def test_download_uses_official_archive(tmp_path, monkeypatch):
@@ -292,11 +328,108 @@ def test_truncated_batch_file_names_the_file(cifar_root, tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("keep", [0, 1, 2, 40, 3000, -1])
+def test_truncated_fake_batch_names_the_file(keep, tmp_path):
+    folder = write_fake_cifar(tmp_path, cifar.CIFAR10)
+    whole = (folder / "data_batch_2").read_bytes()
+    (folder / "data_batch_2").write_bytes(whole[:keep % len(whole)])
+    with pytest.raises(UserError) as err:
+        cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
+    assert str(err.value).startswith(f"cannot read CIFAR batch file '{folder.resolve() / 'data_batch_2'}': ")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_batch_file_names_the_file(seed, tmp_path):
+    folder = write_fake_cifar(tmp_path, cifar.CIFAR10)
+    rng = np.random.default_rng(seed)
+    head = [b"", b"\x80\x02", b"\x80\x04", b"c"][seed % 4]  # plain noise, or noise after a pickle opcode
+    (folder / "test_batch").write_bytes(head + rng.bytes(int(rng.integers(1, 5000))))
+    with pytest.raises(UserError) as err:
+        cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
+    assert "test_batch" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    ([1, 2, 3], "expected a dict of arrays, got list"),
+    ({"labels": [0]}, "has no 'data' entry"),
+    ({}, "has no 'data' and no 'labels' entry"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": ["cat", "dog"]}, "'labels' a list of integers"),
+])
+def test_malformed_batch_dict_names_the_file(batch, message, tmp_path):
+    folder = write_fake_cifar(tmp_path, cifar.CIFAR10)
+    with (folder / "test_batch").open("wb") as handle:
+        pickle.dump(batch, handle)
+    with pytest.raises(UserError, match=f"^CIFAR batch file '.*test_batch'.*{message}"):
+        cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
+
+
 def test_wrong_shape_batch_names_the_file(tmp_path):
     folder = write_fake_cifar(tmp_path, cifar.CIFAR10)
     with (folder / "test_batch").open("wb") as handle:
         pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}, handle)
     with pytest.raises(UserError, match="test_batch"):
+        cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
+
+
+# --- restricted unpickler ----------------------------------------------------------------
+
+
+def test_official_python2_batch_reads_with_its_bytes_keys(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = {}
+    for i, name in enumerate(cifar.CIFAR10.train_files + cifar.CIFAR10.test_files):
+        batches[name] = official_batch(3 + i, seed=i)
+        dump_python2(batches[name], folder / name)
+    raw = (folder / "test_batch").read_bytes()
+    assert raw.startswith(b"\x80\x02") and b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    assert b"_codecs" not in raw  # Python 2 str opcodes, not Python 3's encoding of bytes
+    assert pickle.loads(raw, encoding="bytes").keys() == {b"batch_label", b"labels", b"data", b"filenames"}
+    arrays = cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
+    train = [batches[name] for name in cifar.CIFAR10.train_files]
+    expected = np.concatenate([b[b"data"] for b in train]).reshape(-1, 3, 32, 32)
+    assert torch.equal(arrays.train_images, torch.from_numpy(expected))
+    assert arrays.train_labels.tolist() == [v for b in train for v in b[b"labels"]]
+    assert torch.equal(arrays.test_images.flatten(1), torch.from_numpy(batches["test_batch"][b"data"]))
+    assert arrays.test_labels.tolist() == batches["test_batch"][b"labels"]
+
+
+def test_python3_batch_with_bytes_keys_reads(tmp_path):
+    folder = write_fake_cifar(tmp_path, cifar.CIFAR10)
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    with (folder / "test_batch").open("wb") as handle:
+        pickle.dump({b"data": data, b"labels": [7, 3]}, handle, protocol=4)
+    arrays = cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
+    assert arrays.test_labels.tolist() == [7, 3]
+    assert torch.equal(arrays.test_images.flatten(1), torch.from_numpy(data))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["whole-file", "inside-labels"])
+@pytest.mark.parametrize("name", list(payloads(Path("m.npy"))))
+def test_payload_batch_is_refused_without_running(name, nested, tmp_path):
+    marker = tmp_path / "marker.npy"
+    payload = payloads(marker)[name]
+    pickle.loads(pickle.dumps(payload))  # the payload is live: a plain unpickler runs it
+    assert marker.exists()
+    marker.unlink()
+    folder = write_fake_cifar(tmp_path / "data", cifar.CIFAR10)
+    write_payload_batch(folder / "data_batch_4", payload, nested=nested)
+    with pytest.raises(UserError) as err:
+        cifar.load_cifar(cifar.CIFAR10, tmp_path / "data", download=False)
+    pickled_as = f"{payload.function.__module__}.{payload.function.__name__}"  # os.system is posix.system
+    assert str(err.value) == (f"cannot read CIFAR batch file '{folder.resolve() / 'data_batch_4'}': refused to "
+                              f"load {pickled_as}: a CIFAR batch holds only arrays, lists, strings and "
+                              "numbers")
+    assert not marker.exists()
+
+
+def test_array_reconstruction_numpy_never_writes_is_refused(tmp_path):
+    folder = write_fake_cifar(tmp_path, cifar.CIFAR10)
+    huge = Payload(cifar._reconstruct, np.ndarray, (2**40,), b"b")  # a 1 TiB allocation
+    with (folder / "test_batch").open("wb") as handle:
+        pickle.dump({"data": huge, "labels": []}, handle)
+    with pytest.raises(UserError, match="test_batch': refused an array reconstruction numpy itself never"):
         cifar.load_cifar(cifar.CIFAR10, tmp_path, download=False)
 
 

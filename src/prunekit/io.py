@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+A path that cannot be written (its folder lies under a file, is read-only, or the path is a
+directory) is a one-line :class:`UserError` naming it, and nothing is left behind.
+Imports only the standard library at module level (the results store uses it without torch).
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,44 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-import torch
+from prunekit.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def blocking_file(path: str | os.PathLike) -> Path | None:
+    """The nearest existing one of ``path`` and its parents, when that is not a directory."""
+    found = next((p for p in (Path(path), *Path(path).parents) if os.path.exists(p)), None)
+    return None if found is None or os.path.isdir(found) else found
+
+
+def unwritable(path: str | os.PathLike, err: OSError, what: str = "cannot write") -> UserError:
+    """The one-line error for an ``OSError`` met while creating ``path``."""
+    blocker = blocking_file(Path(path).parent)
+    reason = f"'{blocker}' is a file, not a folder" if blocker else (err.strerror or str(err))
+    return UserError(f"{what} '{path}': {reason}")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path to write; on success rename it over ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise unwritable(target, err) from err
     os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp makes 0600 (and some writers, e.g. safetensors, replace the file with their own
         # 0600 temporary): give the result the mode open() would
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as err:  # e.g. ``path`` is a directory
+            raise unwritable(target, err) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -50,5 +74,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file, so a kill never leaves a truncated checkpoint."""
+    import torch
+
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)

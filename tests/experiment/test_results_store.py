@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -156,3 +157,62 @@ def test_filters_are_typed_and_checked(tmp_path):
         parse_filters(["seed"])
     with pytest.raises(UserError, match="seed is a number"):
         store.rows(parse_filters(["seed=zero"]))
+
+
+def _tree(root: Path) -> list:
+    return sorted((str(p.relative_to(root)), p.is_dir() or p.read_bytes()) for p in root.rglob("*"))
+
+
+def _every_access(store: ResultsStore) -> dict:
+    return {"ensure": store.ensure, "start": lambda: store.start(base_row("g/s0")), "rows": store.rows,
+            "group_ids": store.group_ids, "integrity": store.integrity}
+
+
+@pytest.mark.parametrize("content", [b"hello, not a database\n", b"SQLite format 3\x00" + bytes(200), os.urandom(5000)],
+                         ids=["text", "header-only", "random"])
+def test_a_file_that_is_not_sqlite_is_one_line_naming_it(content, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    before = _tree(tmp_path)
+    for name, access in _every_access(ResultsStore(path)).items():
+        with pytest.raises(UserError) as err:
+            access()
+        assert str(err.value).startswith(f"store '{path}' cannot be used: "), name
+        assert "\n" not in str(err.value), name
+    assert _tree(tmp_path) == before  # no -wal/-shm sidecar, the file untouched
+
+
+def test_a_store_under_a_file_is_one_line_and_creates_nothing(tmp_path):
+    """Tests run as root, for whom read-only folders are writable: a parent that is a regular
+    file makes the path unwritable for everyone."""
+    (tmp_path / "file").write_text("keep")
+    before = _tree(tmp_path)
+    for relative in ("file/results.sqlite", "file/sub/results.sqlite"):
+        path = tmp_path / relative
+        for name, access in _every_access(ResultsStore(path)).items():
+            if name in ("rows", "group_ids"):  # a store that does not exist reads as empty
+                assert access() in ([], set()), name
+                continue
+            with pytest.raises(UserError) as err:
+                access()
+            assert str(err.value) == f"store: cannot create '{path}': '{tmp_path / 'file'}' is a file, not a folder"
+    assert _tree(tmp_path) == before
+
+
+def test_a_path_sqlite_cannot_open_is_one_line(tmp_path):
+    """/sys accepts no new file, not even from root (the read-only folder of this test)."""
+    (tmp_path / "a-directory").mkdir()
+    for path in (Path("/sys/prunekit-test.sqlite"), tmp_path / "a-directory"):
+        with pytest.raises(UserError, match=f"^store '{path}' cannot be used: unable to open database file "):
+            ResultsStore(path).start(base_row("g/s0"))
+    assert not Path("/sys/prunekit-test.sqlite").exists() and _tree(tmp_path) == [("a-directory", True)]
+
+
+def test_ensure_creates_an_empty_store_and_bugs_stay_bugs(tmp_path):
+    store = ResultsStore(tmp_path / "new" / "results.sqlite")
+    store.ensure()
+    assert store.exists() and store.rows() == [] and store.integrity() == "ok"
+    row = base_row("g/s0")
+    del row["model"]  # a NOT NULL column: prunekit's mistake, not the user's, so no UserError
+    with pytest.raises(sqlite3.IntegrityError):
+        store.start(row)

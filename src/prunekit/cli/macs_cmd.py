@@ -11,6 +11,7 @@ from rich.table import Table
 from prunekit.artifact import SPEC_NAME, load_artifact
 from prunekit.cli.common import console, key_value_table
 from prunekit.cli.parsing import input_shape, positive_int
+from prunekit.errors import UserError
 from prunekit.measure import count_macs, count_params
 from prunekit.models import build_model
 
@@ -29,10 +30,17 @@ def run(args: argparse.Namespace) -> int:
     if (Path(args.model) / SPEC_NAME).is_file():
         model, spec = load_artifact(args.model)
         shape = args.input or spec.input_shape
+        if args.input and args.input[0] != spec.in_channels:
+            raise UserError(f"--input: {args.model} takes {spec.in_channels} input channels, got "
+                            f"{'x'.join(map(str, shape))}")
     else:
         shape = args.input or (3, 32, 32)
         model = build_model(args.model, num_classes=args.num_classes, in_channels=shape[0])
-    report = count_macs(model, shape)
+    try:
+        report = count_macs(model, shape)
+    except RuntimeError as err:  # the layers cannot run on that input (too small, ...)
+        raise UserError(f"--input: {args.model} cannot run on {'x'.join(map(str, shape))}: "
+                        f"{str(err).splitlines()[0]}") from err
     params = count_params(model)
     if args.json:
         payload = {"model": args.model, "input": list(shape), "macs": report.total, "params": params,

@@ -54,12 +54,19 @@ def fraction(text: str) -> float:
     return value
 
 
-def input_shape(text: str) -> tuple[int, ...]:
-    """``3x32x32`` -> (3, 32, 32)."""
-    try:
-        dims = tuple(int(part) for part in text.lower().split("x"))
-    except ValueError:
-        dims = ()
-    if len(dims) < 2 or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x32x32, got {text!r}")
+MAX_INPUT_VALUES = 2**24
+"""Largest C*H*W an input shape may have (3x2048x2048 fits): one float32 sample of 64 MiB."""
+
+
+def input_shape(text: str) -> tuple[int, int, int]:
+    """``3x32x32`` -> (3, 32, 32): channels x height x width, positive, at most MAX_INPUT_VALUES."""
+    parts = text.lower().split("x")
+    dims = tuple(int(p) for p in parts if p.isascii() and p.isdigit())
+    if len(parts) != 3 or len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x32x32 (channels x height x width, "
+                                         f"three positive integers), got {text!r}")
+    values = dims[0] * dims[1] * dims[2]
+    if values > MAX_INPUT_VALUES:
+        raise argparse.ArgumentTypeError(f"expected CxHxW with C*H*W at most {MAX_INPUT_VALUES:,} "
+                                         f"(3x2048x2048 fits), got {text!r} ({values:,} values)")
     return dims

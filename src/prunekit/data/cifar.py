@@ -1,7 +1,9 @@
 """CIFAR-10 / CIFAR-100 in the official "python version" pickle layout.
 
-Files are read with ``pickle`` as the format requires: only point prunekit at data you trust.
-Decoded tensors are cached per process, keyed on path, size and modification time.
+The format is a pickle, so batch files are read by a restricted unpickler that builds only what
+a batch holds (dicts, lists, strings, numbers, numpy arrays) and refuses every other global: a
+crafted file cannot run code. Decoded tensors are cached per process, keyed on path, size and
+modification time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from prunekit.data.loader import DataBundle, LoaderOptions, tensor_bundle
 from prunekit.errors import UserError
+from prunekit.io import blocking_file
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +90,25 @@ class CifarArrays(NamedTuple):
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data root: ``data_dir`` if given, else ``$PRUNEKIT_DATA``, else ``./data``."""
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    return Path(os.environ.get(ENV_VAR) or "data").expanduser()
+    """The data root: ``data_dir`` if given, else ``$PRUNEKIT_DATA``, else ``./data``.
+
+    An empty ``data_dir`` and a root that is (or lies under) a file are UserErrors.
+    """
+    if data_dir is not None and not os.fspath(data_dir).strip():
+        raise UserError(f"data dir is an empty string (--data-dir, data.data_dir); name a directory, "
+                        f"or leave it unset to use ${ENV_VAR} or ./data")
+    given = Path((os.environ.get(ENV_VAR) or "data") if data_dir is None else data_dir)
+    try:
+        root = given.expanduser()
+    except RuntimeError:  # ~user of an unknown user, or no home directory
+        raise UserError(f"data dir '{given}': cannot expand '~' (unknown user or no home "
+                        "directory); pass --data-dir DIR") from None
+    blocker = blocking_file(root)
+    if blocker is not None:
+        where = "is a file, not a directory" if blocker == root else f"lies under the file '{blocker}'"
+        raise UserError(f"data dir '{root}' {where}; pass --data-dir DIR or set "
+                        f"{ENV_VAR} to the folder holding the data")
+    return root
 
 
 def _find_folder(spec: CifarSpec, root: Path) -> Path | None:
@@ -111,6 +134,9 @@ def _download(spec: CifarSpec, root: Path) -> None:
     try:
         download_and_extract_archive(spec.url, download_root=str(root), md5=spec.md5)
     except (OSError, HTTPException) as err:
+        if isinstance(err, OSError) and err.filename is not None:  # the file system, not the network
+            raise UserError(f"cannot write {spec.name} into '{root}': {err.strerror or err}; pass "
+                            f"--data-dir DIR or set {ENV_VAR} to a writable folder") from err
         raise UserError(
             f"cannot download {spec.name} (no network?): put {spec.folder} under {root}, "
             f"or pass --data-dir / set {ENV_VAR}"
@@ -120,16 +146,52 @@ def _download(spec: CifarSpec, root: Path) -> None:
                         f"({err}); delete it and retry, or pass --data-dir") from err
 
 
-def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled batch file -> ``(uint8 N x 3072, int64 N)``; malformed files raise UserError."""
+def _empty_array(cls: type, shape: object, dtype_code: object) -> np.ndarray:
+    """numpy's ``_reconstruct`` limited to what ``ndarray.__reduce__`` emits: an empty ndarray
+    that the pickle's state then fills (its size checked against the bytes it carries)."""
+    if cls is not np.ndarray or shape != (0,):
+        raise pickle.UnpicklingError("refused an array reconstruction numpy itself never writes")
+    return _reconstruct(cls, shape, dtype_code)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _empty_array
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR batch holds only "
+                                     "arrays, lists, strings and numbers")
+
+
+def _load_batch(path: Path) -> dict:
+    """The batch dict of one file, keys as ``str`` (Python 2 pickles may give ``bytes``)."""
     try:
         with path.open("rb") as handle:
-            batch = pickle.load(handle, encoding="latin1")
-        data = np.asarray(batch["data"])
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except Exception as err:  # truncated or foreign pickles fail in many ways
+            batch = _BatchUnpickler(handle, encoding="latin1").load()
+    except Exception as err:  # truncated, random or crafted files fail in many ways
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot read CIFAR batch file '{path}': {reason}") from err
+    if not isinstance(batch, dict):
+        raise UserError(f"CIFAR batch file '{path}': expected a dict of arrays, got "
+                        f"{type(batch).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch file -> ``(uint8 N x 3072, int64 N)``; malformed files raise UserError."""
+    batch = _load_batch(path)
+    missing = [repr(key) for key in ("data", label_key) if key not in batch]
+    if missing:
+        raise UserError(f"CIFAR batch file '{path}' has no {' and no '.join(missing)} entry")
+    try:
+        data = np.asarray(batch["data"])
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise UserError(f"CIFAR batch file '{path}': 'data' must be an array and {label_key!r} a list "
+                        f"of integers ({str(err).splitlines()[0]})") from err
     expected = int(np.prod(_IMAGE_SHAPE))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != expected:
         raise UserError(f"CIFAR batch file '{path}': 'data' must be uint8 N x {expected}, "

@@ -9,7 +9,11 @@ A row starts as ``running`` when a run starts, and ends as ``done`` with its res
 ``failed`` with the error text (and no results). Run directories are stored relative to the
 store's folder, so the store never holds a machine's absolute paths.
 
-This module imports only the standard library, so tools can read the store without torch.
+A path that is not an SQLite file, or whose folder cannot be made or written, is a one-line
+:class:`UserError` naming it.
+
+This module imports only the standard library (and prunekit's stdlib-only helpers), so tools
+can read the store without torch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from prunekit.errors import UserError
+from prunekit.io import unwritable
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "failed")
@@ -64,6 +69,9 @@ RESULT_COLUMNS = ("sparsity", "sparsity_covers", "macs", "dense_macs", "params",
                   "best_test_acc", "dense_test_acc", "latency_ms", "wall_time_s")
 """Filled only when a run is done; cleared when it fails or restarts."""
 NUMERIC = {name for name, kind in COLUMNS.items() if kind.startswith(("INTEGER", "REAL"))}
+_UNUSABLE = ("not a database", "unable to open", "readonly database", "disk I/O error", "malformed",
+             "disk is full")
+"""SQLite errors that say the file or its folder is unusable, rather than that a query is wrong."""
 
 
 def now() -> str:
@@ -80,17 +88,26 @@ class ResultsStore:
     # ------------------------------------------------------------- connection
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
-            self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-            conn.execute("PRAGMA synchronous = FULL")
-            self._ensure_schema(conn)
-            yield conn
-        finally:
-            conn.close()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise unwritable(self.path, err, "store: cannot create") from err
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+                self._retry(lambda: conn.execute("PRAGMA journal_mode = WAL"))
+                conn.execute("PRAGMA synchronous = FULL")
+                self._ensure_schema(conn)
+                yield conn
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as err:
+            if not any(text in str(err) for text in _UNUSABLE):
+                raise
+            raise UserError(f"store '{self.path}' cannot be used: {err} (a store is an SQLite file "
+                            "that prunekit creates; its folder must be writable)") from err
 
     def _retry(self, action):
         """Run ``action``, retrying while another process holds a lock beyond the busy timeout's reach
@@ -137,6 +154,11 @@ class ResultsStore:
             yield conn
 
     # ------------------------------------------------------------------ writes
+    def ensure(self) -> None:
+        """Create the store (file and table) if absent, so an unusable path fails before a run starts."""
+        with self.connect():
+            pass
+
     def start(self, row: dict[str, Any]) -> None:
         """Insert a run as ``running`` (or reset an existing row of the same id for a resumed run)."""
         unknown = set(row) - set(COLUMNS)
