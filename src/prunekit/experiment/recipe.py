@@ -35,6 +35,8 @@ from prunekit.schema import NonNegativeInt, PositiveInt, Section, TrainSpec, reg
 from prunekit.models import MODELS, TV_PREFIX
 
 LOGGERS = ("tensorboard", "mlflow")
+MAX_SEEDS = 1000
+"""More seeds than this in one recipe is a typo, not an experiment."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -155,9 +157,11 @@ class Recipe(Section):
     @classmethod
     def _seed_count(cls, seeds: Any) -> Any:
         if isinstance(seeds, int) and not isinstance(seeds, bool):
-            if seeds < 1:
-                raise ValueError(f"expected a number of seeds >= 1 or a list of seeds, got {seeds!r}")
+            if not 1 <= seeds <= MAX_SEEDS:
+                raise ValueError(f"expected a number of seeds in [1, {MAX_SEEDS}] or a list of seeds, got {seeds!r}")
             return list(range(seeds))
+        if isinstance(seeds, list) and len(seeds) > MAX_SEEDS:
+            raise ValueError(f"expected at most {MAX_SEEDS} seeds, got {len(seeds)}")
         return seeds
 
     @field_validator("seeds")
@@ -354,7 +358,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[Problem]:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(Problem(".".join(path[: depth + 1]), f"is {child!r}, not a section; cannot set {key}"))
+                problems.append(Problem(".".join(path[: depth + 1]), f"is {child!r}, not a section; cannot set {key!r}"))
                 break
             node = child
         else:

@@ -30,7 +30,7 @@ from prunekit.experiment.loggers import build_loggers, flatten
 from prunekit.experiment.recipe import Recipe, load_recipe
 from prunekit.experiment.stages import Events, HooksFor, StageContext, read_json, result_row, run_stages
 from prunekit.experiment.store import ResultsStore, now
-from prunekit.io import atomic_open, write_json
+from prunekit.io import atomic_open, unwritable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,13 @@ def run_recipe(recipe: Recipe, out: str | Path = "runs", *, store: str | Path | 
     """Run every seed of ``recipe`` under a new group in ``out``; the result rows, in seed order."""
     out = Path(out)
     store = ResultsStore(store if store is not None else out / STORE_NAME)
+    store.ensure()  # a store that cannot be used fails before anything is written
     group = _group_name(recipe, out, store)
     group_dir = out / group
-    group_dir.mkdir(parents=True)
+    try:
+        group_dir.mkdir(parents=True)
+    except OSError as exc:
+        raise unwritable(group_dir, exc) from None
     _write_recipe(group_dir / RECIPE_FILE, recipe, f"prunekit recipe {recipe.name} (from {Path(source).name})")
     write_json(group_dir / GROUP_FILE, {"group": group, "recipe_hash": recipe.digest(), "seeds": recipe.seeds,
                                         "store": _relative(store.path, group_dir), "created_at": now()})

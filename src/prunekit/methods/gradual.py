@@ -60,6 +60,10 @@ class Gradual(TargetedMethod):
 
     @model_validator(mode="after")
     def _buildable(self) -> Gradual:
+        clash = sorted(set(self.schedule.params) & {"name", "final", "initial", "start", "end"})
+        if clash:
+            where = "prune.target's fraction" if clash[0] == "final" else f"schedule.{clash[0]}"
+            raise ValueError(f"schedule.params.{clash[0]}: is set by {where}, not a shape parameter")
         if self.parsed_target.unit == "macs":
             raise ValueError("target: macs=… needs method oneshot (a gradual schedule ramps weights=… or "
                              "filters=…)")
