@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import statistics
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from cli_runner import run_cli
 from conftest import SHARED_DATA
 from exp_helpers import TINY, recipe, write_recipe
+from prunekit.experiment import report
 from prunekit.experiment.loggers import FileLogger
 from prunekit.experiment.store import COLUMNS, ResultsStore
 
@@ -79,10 +81,10 @@ def test_resnet20_cifar10_recipe_end_to_end(capsys, tmp_path):
     assert "accuracy_vs_sparsity.png" in (run_dir / "report" / "report.md").read_text()
 
 
-def test_tiny_recipe_with_seeds_export_and_missing_optional_logger(capsys, tmp_path, caplog):
+def test_tiny_recipe_with_seeds_export_and_missing_optional_logger(capsys, tmp_path, caplog, monkeypatch):
     data = recipe(TINY, prune={"method": "oneshot", "target": "filters=0.5"}, export={"onnx": True},
                   loggers=["tensorboard"])
-    data["train"]["epochs"] = 1
+    data["train"].update(epochs=1, lr_plan="cosine")
     data["retrain"]["epochs"] = 1
     file = write_recipe(tmp_path / "tiny.yaml", data)
     runs = tmp_path / "runs"
@@ -109,8 +111,33 @@ def test_tiny_recipe_with_seeds_export_and_missing_optional_logger(capsys, tmp_p
     assert line["runs"] == "3"  # one recipe: 3 runs, mean ± sample std
     assert float(line["final_test_acc_mean"]) == pytest.approx(statistics.fmean(accs), abs=1e-6)
     assert float(line["final_test_acc_std"]) == pytest.approx(statistics.stdev(accs), abs=1e-6)
+    figures, save = {}, report._save
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
     code, out, err = run_cli(capsys, "report", group)
     assert code == 0 and (group / "report" / "training_curves.png").is_file(), err
+    _assert_schedules_plot(figures["schedules.png"], group / "s0")
+
+
+def _assert_schedules_plot(fig, run_dir) -> None:
+    """The plotted LR and sparsity, step by step: cosine from the peak to 0 in each stage, then 50%."""
+    steps = [json.loads((run_dir / stage / "stage.json").read_text())["steps_per_epoch"]
+             for stage in ("train", "retrain")]
+    x, lr, sparsity = [0.0], [math.nan], [0.0]
+    for epoch, (n, peak, level) in enumerate(zip(steps, (3.0e-3, 1.0e-3), (0.0, 0.5))):
+        x += [epoch + (k + 1) / n for k in range(n)]
+        lr += [peak * (1 + math.cos(math.pi * k / (n - 1))) / 2 for k in range(n)]
+        sparsity += [level] * n
+    ax_lr, ax_sparsity = fig.axes
+    (lr_line,) = ax_lr.lines  # adamw with cosine: no momentum curve
+    assert lr_line.get_xdata().tolist() == pytest.approx(x)
+    assert lr_line.get_ydata().tolist() == pytest.approx(lr, nan_ok=True)
+    assert ax_sparsity.lines[0].get_xdata().tolist() == pytest.approx(x)
+    assert ax_sparsity.lines[0].get_ydata().tolist() == sparsity
 
 
 def test_resume_and_compare_errors_are_one_line(capsys, tmp_path):
