@@ -20,10 +20,33 @@ def test_latency_is_a_median_and_restores_training_mode():
     assert result.images_per_s == pytest.approx(4 / (result.median_ms / 1000))
 
 
-def test_latency_grid_covers_batch_sizes_and_precisions():
-    model = build_model("small_cnn", num_classes=10, in_channels=1)
-    grid = latency_grid(model, (1, 8, 8), warmup=1, repeats=3)
-    assert [(r.batch_size, r.precision) for r in grid] == [(1, "fp32"), (1, "bf16"), (32, "fp32"), (32, "bf16")]
+class _Recorder(nn.Module):
+    """A conv that records, per call, what it was run with: batch, channels-last input, output dtype, mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.calls = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        self.calls.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                           y.dtype, self.training))
+        return y
+
+
+def test_latency_grid_measures_each_batch_size_and_precision_as_labelled():
+    model = _Recorder().train()
+    grid = latency_grid(model, (3, 8, 8), warmup=1, repeats=3)
+    assert [(r.batch_size, r.precision, r.repeats) for r in grid] == [
+        (1, "fp32", 3), (1, "bf16", 3), (32, "fp32", 3), (32, "bf16", 3)]
+    # 1 warm-up + 3 timed calls per cell, in eval mode; fp32 NCHW, bf16 autocast on channels-last input
+    cells = [(1, False, torch.float32), (1, True, torch.bfloat16), (32, False, torch.float32), (32, True, torch.bfloat16)]
+    assert model.calls == [(*cell, False) for cell in cells for _ in range(4)]
+    assert model.training
+    for r in grid:
+        assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms
+        assert r.images_per_s == pytest.approx(r.batch_size / (r.median_ms / 1000))
 
 
 def two_layer_net():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
+from sklearn import datasets
 from torch import nn
 
 from prunekit.errors import UserError
@@ -119,7 +120,6 @@ def test_bad_arguments(kwargs: dict, field: str) -> None:
 
 
 def test_small_cnn_learns_digits() -> None:
-    datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target)
@@ -147,7 +147,6 @@ def test_small_cnn_learns_digits() -> None:
 
 
 def test_small_cnn_compacts_with_torch_pruning() -> None:
-    tp = pytest.importorskip("torch_pruning")
     model = build_model("small_cnn", in_channels=1).eval()
     before = count_params(model)
     example = torch.randn(1, 1, 8, 8)

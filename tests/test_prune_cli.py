@@ -29,11 +29,18 @@ def test_macs_target_is_met_and_model_is_compacted(capsys, tmp_path, trained):
     model, spec = load_artifact(tmp_path)
     assert spec.manifest is not None
     assert count_macs(model, spec.input_shape).total == summary["macs_after"]
-    assert every_layer_kept_something(model)
-
-
-def every_layer_kept_something(model):
-    return all(m.weight.shape[0] > 0 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    dense, _ = load_artifact(trained)
+    layers = spec.manifest["layers"]
+    assert {name: layer["channels"] for name, layer in layers.items()} == {"features.0.0": 32, "features.1.0": 64,
+                                                                          "features.2.0": 64}  # all three shrank
+    kept_in = torch.arange(1)  # the digits' one input channel
+    for name in layers:  # each conv is the dense one's kept filters over the kept input channels
+        kept = torch.tensor(layers[name]["kept"])
+        assert 1 <= len(kept) == layers[name]["width"]
+        conv, dense_conv = model.get_submodule(name), dense.get_submodule(name)
+        assert torch.equal(conv.weight, dense_conv.weight[kept][:, kept_in]), name
+        kept_in = kept
+    assert torch.equal(model.fc.weight, dense.fc.weight[:, kept_in])
 
 
 def test_prune_no_compact_then_compact_gives_the_same_function(capsys, tmp_path, trained):

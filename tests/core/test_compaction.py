@@ -17,6 +17,7 @@ channels-last flatten into a Linear), a pixel/channel shuffle, or an unsupported
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -293,11 +294,27 @@ def test_round_to_and_report() -> None:
 
     report = compaction_report(dense, model, (3, 32, 32), repeats=2, warmup=1)
 
+    before, after = dict(dense.named_modules()), dict(model.named_modules())
     rows = {r.name: r for r in report.layers}
-    assert rows["features.0.0"].shape_before == (32, 3, 3, 3) and rows["features.0.0"].shape_after[0] == 20
-    assert 0 < rows["features.0.0"].kept < 1 and rows["classifier"].kept < 1
-    assert report.macs_after == sum(r.macs for r in count_macs(model, (3, 32, 32)).rows)
-    assert report.macs_ratio > 1 and report.params_after < report.params_before
-    assert report.speedup is not None and report.latency_before.batch_size == 1
-    assert any("multiple of 8" in h for h in report.hints)
-    assert any("depthwise" in h for h in report.hints)
+    assert list(rows) == [n for n, m in before.items() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+    for name, row in rows.items():
+        assert (row.shape_before, row.shape_after) == (tuple(before[name].weight.shape), tuple(after[name].weight.shape))
+        assert row.kept == math.prod(row.shape_after) / math.prod(row.shape_before)
+        # at unchanged spatial sizes a conv's (no bias), a Linear's and a BN's MACs scale with its weight's size
+        assert row.macs_after * math.prod(row.shape_before) == row.macs_before * math.prod(row.shape_after), name
+    stem = rows["features.0.0"]  # 3x3 conv, stride 1, 32x32 outputs: 27 MACs per output element
+    assert (stem.shape_after, stem.macs_before, stem.macs_after) == ((20, 3, 3, 3), 32 * 1024 * 27, 20 * 1024 * 27)
+    assert report.macs_before == 91_278_080 and report.params_before == 2_236_682  # dense MobileNetV2 (CIFAR)
+    # besides the weighted layers, only the global 4x4 average pool counts: 16 + 1 MACs per channel
+    assert report.macs_before == sum(r.macs_before for r in rows.values()) + 17 * 1280
+    assert report.macs_after == sum(r.macs_after for r in rows.values()) + 17 * after["classifier"].in_features
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert report.macs_ratio == report.macs_before / report.macs_after
+    assert report.latency_before.batch_size == report.latency_after.batch_size == 1
+    assert report.speedup == report.latency_before.median_ms / report.latency_after.median_ms
+    odd = report.hints[-2]  # removing 37% of 8k channels leaves widths like 20 and 10
+    assert odd.startswith("48 compacted layers have output widths not a multiple of 8 (e.g. features.0.0 (20), "
+                          "features.1.conv.0.0 (20), features.1.conv.1 (10)): choose keep counts with round_to=8")
+    depthwise = [r for r in rows.values() if isinstance(after[r.name], nn.Conv2d) and after[r.name].groups > 1]
+    share = sum(r.macs_after for r in depthwise) / report.macs_after
+    assert len(depthwise) == 17 and report.hints[-1].startswith(f"depthwise convs carry {share:.0%} of the remaining")

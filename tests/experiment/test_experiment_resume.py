@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from exp_helpers import TINY, cli, recipe, write_recipe
+from cli_runner import run_cli
+from exp_helpers import TINY, recipe, write_recipe
 from prunekit.experiment.recipe import load_recipe
 from prunekit.experiment.runner import run_recipe
 from prunekit.experiment.store import RESULT_COLUMNS, ResultsStore
@@ -74,14 +75,14 @@ def test_crash_mid_epoch_is_recorded_as_failed_then_resumes_exactly(capsys, tmp_
     assert torch.load(run_dir / "retrain" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (run_dir / "retrain" / "stage.json").exists()
 
-    code, out, err = cli(capsys, "run", "--resume", run_dir)
+    code, out, err = run_cli(capsys, "run", "--resume", run_dir)
     assert code == 0, err
     assert "train: already done, skipped" in out and "prune: already done, skipped" in out
     row = store.get(row["run_id"])
     assert row["status"] == "done" and row["error"] is None and row["final_test_acc"] is not None
 
     # the uninterrupted reference, run from the crashed run's own resolved recipe
-    code, _, err = cli(capsys, "run", run_dir / "recipe.yaml", "--out", tmp_path / "ref")
+    code, _, err = run_cli(capsys, "run", run_dir / "recipe.yaml", "--out", tmp_path / "ref")
     assert code == 0, err
     reference = only_run(next(p for p in (tmp_path / "ref").iterdir() if p.is_dir()))
     assert_same_outcome(run_dir, reference, ("train", "prune", "retrain"))
@@ -124,10 +125,10 @@ def test_sigkill_mid_epoch_of_gradual_pruning_then_resume_matches(capsys, tmp_pa
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert store.get(run_id)["status"] == "running"  # killed: nobody could record anything
 
-    code, _, err = cli(capsys, "run", "--resume", run_dir.parent)  # a group directory resumes its runs
+    code, _, err = run_cli(capsys, "run", "--resume", run_dir.parent)  # a group directory resumes its runs
     assert code == 0, err
     assert store.get(run_id)["status"] == "done"
-    code, _, err = cli(capsys, "run", file, "--out", tmp_path / "ref")
+    code, _, err = run_cli(capsys, "run", file, "--out", tmp_path / "ref")
     assert code == 0, err
     reference = only_run(next(p for p in (tmp_path / "ref").iterdir() if p.is_dir()))
     assert_same_outcome(run_dir, reference, ("prune",))

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_runner import run_cli
 from conftest import SHARED_DATA
-from exp_helpers import cli, write_recipe
+from exp_helpers import write_recipe
 from prunekit.artifact import load_artifact
 from prunekit.experiment.recipe import load_recipe
 from prunekit.experiment.runner import run_recipe
@@ -129,7 +130,7 @@ def test_weight_rewind_from_a_checkpoint_without_that_point_is_one_line(capsys, 
                                    data="cifar10"), dense)
     data = {**RECIPE, "train": {"checkpoint": str(dense)}}
     file = write_recipe(tmp_path / "w.yaml", data)
-    code, _, err = cli(capsys, "run", file, "--out", tmp_path / "runs")
+    code, _, err = run_cli(capsys, "run", file, "--out", tmp_path / "runs")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("prunekit run: error: retrain.lr_plan: weight_rewind with epochs=1 needs the weights "
                           "after original epoch 1"), err

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from cli_runner import run_cli
 from conftest import SHARED_DATA
-from exp_helpers import cli, recipe, write_recipe
+from exp_helpers import recipe, write_recipe
 from prunekit.methods import METHODS as PRUNE_METHODS
 from prunekit.experiment.recipe import Recipe, RecipeError, load_recipe, validate_recipe
 
@@ -149,7 +150,7 @@ def test_malformed_recipe_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path
     file = write_recipe(tmp_path / "recipe.yaml", data)
     out = tmp_path / "runs"
     sets = [arg for item in overrides for arg in ("--set", item)]
-    code, stdout, err = cli(capsys, "run", file, "--out", out, *sets)
+    code, stdout, err = run_cli(capsys, "run", file, "--out", out, *sets)
     assert code == 2, (stdout, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -169,7 +170,7 @@ def test_every_problem_is_reported_one_line_each(capsys, tmp_path):
     data["prune"]["target"] = "weights=90"
     data["model"]["name"] = "nonet"
     file = write_recipe(tmp_path / "recipe.yaml", data)
-    code, _, err = cli(capsys, "run", file, "--out", tmp_path / "runs")
+    code, _, err = run_cli(capsys, "run", file, "--out", tmp_path / "runs")
     assert code == 2
     paths = sorted(line.split(": ")[2] for line in err.strip().splitlines())
     assert paths == ["model.name", "prune.target", "train.epochs", "train.momentum"]

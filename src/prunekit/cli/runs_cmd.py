@@ -27,11 +27,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    store = ResultsStore(args.store)
-    filters = parse_filters(args.filters)
-    if not store.exists():
-        raise UserError(f"--store: {str(args.store)!r} does not exist; run prunekit run first")
-    rows = store.rows(filters)
+    if args.store.is_dir():
+        raise UserError(f"--store: {str(args.store)!r} is a directory; expected the store's file, "
+                        f"e.g. {str(args.store / DEFAULT_STORE.name)!r}")
+    rows = ResultsStore(args.store).rows(parse_filters(args.filters))  # no store yet: no runs
     if args.json:
         print(dumps(rows))
         return 0

@@ -300,6 +300,11 @@ def _spend(work: int, n: int, budget: int, at: tp.Node, names: dict[nn.Module, s
     return work + n
 
 
+def _mapped_size(mapping: object, n: int) -> int:
+    """Most indices ``mapping`` returns for ``n``: Torch-Pruning's flatten mapping multiplies by its stride."""
+    return n if getattr(mapping, "reverse", True) else n * getattr(mapping, "_stride", 1)
+
+
 def _fresh(seen: dict[int, int], index: tp._helpers._HybridIndex, at: tp.Node, names: dict[nn.Module, str]) -> bool:
     """Record ``index`` at a target: False when already there, :class:`_Stop` when from another root."""
     if index.idx not in seen:
@@ -351,11 +356,6 @@ def _describe(graph: tp.DependencyGraph, items: list[_Item], root: str, channels
         if c.position.numel() and int(c.position.max()) >= c.shape[c.dim]:
             blocked.setdefault(_RESHAPE, []).append(c.param)
     return ChannelGroup(root, channels, tuple(members), tuple(coupled), _reason(blocked))
-
-
-def _mapped_size(mapping: object, n: int) -> int:
-    """Most indices ``mapping`` returns for ``n``: Torch-Pruning's flatten mapping multiplies by its stride."""
-    return n if getattr(mapping, "reverse", True) else n * getattr(mapping, "_stride", 1)
 
 
 @contextmanager
@@ -424,7 +424,6 @@ def _why_blocked(module: nn.Module) -> str | None:
 
 def _depthwise(conv: nn.modules.conv._ConvNd) -> bool:
     return conv.groups == conv.in_channels == conv.out_channels > 1
-
 
 
 def _dims(module: nn.Module, role: str) -> list[tuple[str, int]]:
