@@ -6,7 +6,7 @@ elsewhere (a user's module, a test) works through ``prunekit run`` and ``pruneki
 same way: see docs/architecture.md, "Adding a method".
 """
 
-from prunekit.methods import filter_config, gradual, oneshot, retraining  # noqa: F401  (registration)
+from prunekit.methods import autobot, filter_config, gradual, oneshot, retraining  # noqa: F401  (registration)
 from prunekit.methods.base import (METHODS, RETRAIN_EXTENSIONS, Method, MethodContext, Plugin, PruneResult,
                                    plugins_for, register_method, run_prune, validate_method)
 
