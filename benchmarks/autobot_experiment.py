@@ -31,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from machine import machine_info
@@ -100,10 +101,12 @@ def launch(jobs: list[tuple[str, int, str]], parallel: int, args: argparse.Names
             arm, seed, variant = pending.pop(0)
             command = [sys.executable, __file__, "--one", arm, str(seed), variant, *forwarded(args)]
             running.append(subprocess.Popen(command, env=env))
-        running[0].wait()
-        if running[0].returncode != 0:
-            raise SystemExit(f"arm failed: {' '.join(running[0].args)}")
-        running.pop(0)
+        while all(process.poll() is None for process in running):
+            time.sleep(5)
+        for process in [p for p in running if p.returncode is not None]:
+            if process.returncode != 0:
+                raise SystemExit(f"arm failed: {' '.join(map(str, process.args))}")
+            running.remove(process)
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:

@@ -54,6 +54,11 @@ class GateCosts:
             scattered[f"{block}.conv2"] = _Scattered(conv[0], bn[0], conv[0].in_groups[0] if conv[0].in_groups else None)
         return cls(costs, scattered)
 
+    @property
+    def scattered(self) -> tuple[str, ...]:
+        """The ``conv2`` layers gated on their own (a name may also be the root of a residual group)."""
+        return tuple(self._scattered)
+
     def dense_macs(self) -> int:
         return self.costs.dense_macs()
 

@@ -28,7 +28,9 @@ pruned model.
 bisection" (METHODS §4.9), no gate training: ``l1`` — per-filter L1 norms (summed over the
 producers of a coupled vector) divided by the vector's largest, one global threshold;
 ``l1_uniform`` — rank scores (C − r)/C by L1 within each vector, so the threshold keeps the same
-fraction of every vector; ``random`` — U[0, 1) scores seeded by the run's seed.
+fraction of every vector (up to one filter: the i-th vector's scores are lowered by i·ε, ε below
+half the finest rank step, so vectors whose fractions tie lose their filters one at a time and the
+MACs move in single-filter steps, not all vectors at once); ``random`` — U[0, 1) scores seeded by the run's seed.
 
 The result is always compacted (the recipe's ``compact`` applies to masks, which this method
 does not leave).
@@ -48,7 +50,6 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from prunekit.core.gate_costs import GateCosts
-from prunekit.core.groups import ChannelGroup
 from prunekit.core.gate_losses import bool_loss, flops_loss
 from prunekit.core.gate_selection import BestGates
 from prunekit.core.gate_threshold import ITERATIONS, TOLERANCE, ThresholdResult, threshold_gates
@@ -153,7 +154,8 @@ class AutoBot(Method):
         plain = remove_gates(copy.deepcopy(model))
         if self.scores != "gates":
             vectors = {root: gate.alpha.numel() for root, gate in gates(model).items()}
-            scores = baseline_scores(plain, vectors, costs.costs.groups, self.scores, ctx.seed)
+            producers = {g.root: g.out_layers for g in costs.costs.groups if g.root not in costs.scattered}
+            scores = baseline_scores(plain, vectors, producers, self.scores, ctx.seed)
         macs_of = pruned_macs(plain, x, scatter=scatter) if self.threshold == "counter" else costs.macs
         chosen = threshold_gates(scores, target, macs_of, tolerance=self.tolerance, iterations=self.iterations,
                                  official_last=self.threshold == "official")
@@ -229,23 +231,23 @@ class GateTraining(Hook):
 
 
 # -------------------------------------------------------------------- baselines
-def baseline_scores(model: nn.Module, vectors: Mapping[str, int], groups: Sequence[ChannelGroup], kind: str,
+def baseline_scores(model: nn.Module, vectors: Mapping[str, int], producers: Mapping[str, Sequence[str]], kind: str,
                     seed: int) -> dict[str, torch.Tensor]:
     """Scores in (0, 1] (``random``: [0, 1)) for the gate ``vectors`` ``{root: channels}`` of the gate-free
-    ``model`` (see the module doc); ``groups`` name the producers of each root's channels."""
+    ``model`` (see the module doc); ``producers``: the layers whose filters a vector gates (default: its root)."""
     if kind == "random":
         generator = torch.Generator().manual_seed(seed)
         return {root: torch.rand(n, generator=generator) for root, n in vectors.items()}
-    producers = {group.root: group.out_layers for group in groups}
     out = {}
-    for root, n in vectors.items():
+    offset = 1 / (2 * len(vectors) * max(vectors.values()))  # < half the finest rank step
+    for i, (root, n) in enumerate(vectors.items()):
         norms = sum(_filter_l1(model.get_submodule(layer).weight) for layer in producers.get(root, (root,)))
         if kind == "l1":
             out[root] = norms / norms.max()
-        else:  # l1_uniform: rank r (0 = largest norm) scores (C − r) / C
+        else:  # l1_uniform: rank r (0 = largest norm) scores (C − r) / C, less i · offset for the i-th vector
             ranks = torch.empty(n, dtype=torch.long)
             ranks[torch.argsort(norms, descending=True, stable=True)] = torch.arange(n)
-            out[root] = (n - ranks).to(torch.float32) / n
+            out[root] = (n - ranks).to(torch.float64) / n - i * offset
     return out
 
 
