@@ -64,9 +64,11 @@ def result_file(arm: str, seed: int, variant: str) -> Path:
 
 
 def run_or_resume(recipe: Recipe, out: Path) -> dict:
-    group = out / f"{recipe.name}-{recipe.digest()[:8]}"
-    if group.is_dir():
-        return resume(group)[0]
+    """Resume the recipe's latest group (``NAME-DIGEST`` or, after a deleted one, ``NAME-DIGEST-N``), else run it."""
+    base = f"{recipe.name}-{recipe.digest()[:8]}"
+    groups = sorted(out.glob(f"{base}*"), key=lambda g: int(g.name[len(base) + 1:] or 1))
+    if groups:
+        return resume(groups[-1])[0]
     return run_recipe(recipe, out, store=RUNS / STORE_NAME, source="benchmarks/autobot_experiment.py")[0]
 
 

@@ -147,12 +147,12 @@ class AutoBot(Method):
         insert_gates(model, x, residual=residual, init=self.init)
         summary: dict[str, Any] = {"residual": residual, "scores": self.scores, "threshold_mode": self.threshold,
                                    "target_macs": round(target), "dense_macs_internal": dense}
+        plain = remove_gates(copy.deepcopy(model))  # gate training changes no weight
         if self.scores == "gates":
             scores, figures = self._train_gates(model, costs, target, dense, ctx)
             summary.update(figures)
             model.to("cpu")
-        plain = remove_gates(copy.deepcopy(model))
-        if self.scores != "gates":
+        else:
             vectors = {root: gate.alpha.numel() for root, gate in gates(model).items()}
             producers = {g.root: g.out_layers for g in costs.costs.groups if g.root not in costs.scattered}
             scores = baseline_scores(plain, vectors, producers, self.scores, ctx.seed)
