@@ -140,7 +140,6 @@ def summarise() -> None:
         arms[f"{arm}-seed{seed}"] = entry
         gate = (f"{entry['gate_training_wall_time_s']:.0f} s" if entry["gate_training_wall_time_s"] is not None
                 else "none")
-        cell = lambda v: f"{100 * v:.2f} %" if v is not None else "not run yet"  # noqa: E731
         lines.append(f"| {LABELS[arm]} | {seed if arm in AUTOBOT else '-'} | {some['macs'] / dense_macs:.4f} "
                      f"({100 * entry['macs_vs_target']:+.2f} %) | {cell(entry['before'])} | {cell(entry['after'])} | "
                      f"{gate} |")
@@ -156,6 +155,10 @@ def summarise() -> None:
         tmp.write_text("\n".join(lines) + "\n")
     plot_kept(rows)
     print("\n".join(lines))
+
+
+def cell(accuracy: float | None) -> str:
+    return f"{100 * accuracy:.2f} %" if accuracy is not None else "not run yet"
 
 
 def claim_lines(arms: dict[str, dict]) -> list[str]:
@@ -180,12 +183,11 @@ def plot_kept(rows: dict[tuple[str, int, str], dict]) -> None:
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.subplots()
-    names: list[str] = []
+    names = max((list(row["kept_channels"]) for row in rows.values()), key=len)  # scatter: conv1 and conv2
     for (arm, seed, variant), row in rows.items():
         if variant != "before" and (arm, seed, "before") in rows:
             continue
         kept = row["kept_channels"]
-        names = names if len(names) >= len(kept) else list(kept)
         ax.plot([names.index(n) for n in kept], [k / c for k, c in kept.values()], marker="o", ms=3,
                 color=COLOURS[arm], ls="-" if seed == 0 else "--", label=f"{LABELS[arm]}, seed {seed}")
     ax.set_xticks(range(len(names)), [n.replace("layer", "L") for n in names], rotation=60, fontsize=7)
