@@ -162,6 +162,14 @@ def test_baselines_meet_the_target_through_the_same_bisection(scores, threshold)
             assert k == max(1, int((norms / norms.max() > summary["threshold"]).sum()))
 
 
+def test_official_threshold_mode_returns_the_last_threshold_tried():
+    summary = method(scores="l1", threshold="official").prune(resnet20(), context(Path("unused"))).summary
+    last_threshold, last_macs = summary["threshold_history"][-1]
+    assert (summary["threshold"], summary["macs_internal"]) == (last_threshold, last_macs)
+    target = summary["target_macs"]
+    assert summary["threshold_iterations"] == 50 or abs(last_macs - target) <= 50_000
+
+
 def test_random_scores_follow_the_seed():
     def kept(seed):
         return method(scores="random").prune(resnet20(), context(Path("unused"), seed)).summary["kept_channels"]
