@@ -86,7 +86,7 @@ MALFORMED = [
     ("empty-data-dir", edit("data", data_dir="{tmp}"), [], "data.data_dir", "holds no complete cifar-10-batches-py"),
     ("subset-zero", edit("data", subset=0), [], "data.subset", "expected an integer >= 1, got 0"),
     ("unknown-method", edit("prune", method="magic"), [], "prune.method",
-     "unknown pruning method 'magic'; known: filter_config, gradual, hyperspherical, oneshot"),
+     "unknown pruning method 'magic'; known: autobot, filter_config, gradual, hyperspherical, oneshot"),
     ("missing-method", edit("prune", method=...), [], "prune.method", "required key is missing"),
     ("unknown-criterion", edit("prune", criterion="l3"), [], "prune.criterion", "unknown criterion 'l3'"),
     ("evidence-criterion", edit("prune", criterion="taylor"), [], "prune.criterion", "needs data evidence"),
