@@ -18,7 +18,7 @@ import torch
 
 from machine import machine_info
 from prunekit.core.compaction import compact_masked
-from prunekit.core.oneshot import prune_once
+from prunekit.core.prune_once import prune_once
 from prunekit.io import write_json
 from prunekit.measure import count_macs
 from prunekit.measure.latency import measure_latency

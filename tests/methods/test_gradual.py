@@ -94,7 +94,7 @@ def test_gradual_pruning_resumes_exactly(tmp_path):
 
 def test_gradual_filter_pruning_trains_a_model_equal_to_its_compacted_form():
     from prunekit.core.compaction import compact
-    from prunekit.core.oneshot import filter_prunable_layers
+    from prunekit.core.layers import filter_prunable_layers
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),

@@ -18,7 +18,7 @@ from prunekit.artifact import load_artifact
 from prunekit.core.energy import PrunedEnergyPenalty
 from prunekit.core.hyperspherical import HSConv2d, recalibrate_bn, unit_rows
 from prunekit.core.onthefly import prunable_layers
-from prunekit.core.oneshot import prune_once
+from prunekit.core.prune_once import prune_once
 from prunekit.core.recovery import recovered
 from prunekit.core.selection import keep_count
 from prunekit.core.transforms import recorded

@@ -15,7 +15,7 @@ import yaml
 from cli_runner import run_cli
 from prunekit.artifact import load_artifact
 from prunekit.core.masks import MaskSet
-from prunekit.core.oneshot import filter_prunable_layers
+from prunekit.core.layers import filter_prunable_layers
 from prunekit.methods import METHODS, Method, MethodContext, PruneResult, register_method
 from prunekit.models import build_model
 

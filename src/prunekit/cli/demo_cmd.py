@@ -12,7 +12,7 @@ from rich.table import Table
 from prunekit.cli.common import add_device_argument, console
 from prunekit.cli.parsing import fraction, positive_int
 from prunekit.core.compaction import compact_masked
-from prunekit.core.oneshot import prune_once
+from prunekit.core.prune_once import prune_once
 from prunekit.data import build_data
 from prunekit.measure import count_macs, count_params
 from prunekit.measure.accuracy import evaluate

@@ -8,7 +8,7 @@ and parameter names. A gated module is wrapped in :class:`Gated` (its parameters
 modules back, weights untouched, and drops the transform record.
 
 Which channels: one gate vector per prunable channel group (not blocked, classifier outputs
-excluded; :func:`~prunekit.core.oneshot.filter_prunable_layers`), keyed by the group's root.
+excluded; :func:`~prunekit.core.prune_once.filter_prunable_layers`), keyed by the group's root.
 Channels tied by a residual addition share the group's one vector (``residual="coupled"``, the
 paper's ResNet-50); ``"keep"`` leaves such groups ungated, so residual widths stay whole;
 ``"scatter"`` is ``"keep"`` plus a vector of its own for every CIFAR basic block's ``conv2``
@@ -40,7 +40,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunekit.core.groups import ChannelGroup, _depthwise, channel_groups, dependency_graph
-from prunekit.core.oneshot import filter_prunable_layers
+from prunekit.core.layers import filter_prunable_layers
 from prunekit.core.scatter import basic_blocks
 from prunekit.core.transforms import RECORD, apply_transform, recorded, register_transform
 from prunekit.errors import UserError

@@ -3,12 +3,21 @@ classifier in or out (METHODS §0.2: each paper covers different tensors)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from prunekit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from prunekit.core.groups import ChannelGroup
+
+log = logging.getLogger(__name__)
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -43,3 +52,21 @@ def require_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
     if missing:
         raise UserError(f"masks: {missing[0]!r} is not a Conv2d/Linear layer of this {type(model).__name__}")
     return {n: modules[n] for n in names}
+
+
+def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor,
+                           groups: Sequence[ChannelGroup] | None = None) -> list[str]:
+    """Roots of the channel groups that can be removed, classifier outputs excluded.
+
+    A group coupled to something that cannot shrink (an option-A shortcut, a grouped conv, a
+    LayerNorm across channels) is left out, so residual widths of such models stay whole. Each
+    group is ranked by its root layer's filters. ``groups``: the model's channel groups, if built.
+    """
+    from prunekit.core.groups import channel_groups  # Torch-Pruning only when asked for
+
+    classifier = next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
+    groups = groups if groups is not None else channel_groups(model, example_input)
+    for group in groups:
+        if group.blocked:
+            log.info("not pruning group %s: %s", group.root, group.blocked)
+    return [g.root for g in groups if not g.blocked and classifier not in g.out_layers]

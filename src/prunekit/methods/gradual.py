@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from prunekit.core.oneshot import filter_prunable_layers
+from prunekit.core.layers import filter_prunable_layers
 from prunekit.core.schedules import SCHEDULES, Schedule, SparsityScheduler, build_schedule
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.errors import UserError

@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import nn
 
-from prunekit.core.oneshot import prune_once
+from prunekit.core.prune_once import prune_once
 from prunekit.methods.base import MethodContext, PruneResult, register_method
 from prunekit.methods.common import TargetedMethod
 

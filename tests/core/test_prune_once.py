@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from prunekit.core.compaction import compact_masked
-from prunekit.core.oneshot import filter_prunable_layers, prune_once
+from prunekit.core.layers import filter_prunable_layers
+from prunekit.core.prune_once import prune_once
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.measure import count_macs
 from prunekit.models import build_model

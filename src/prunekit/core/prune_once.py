@@ -8,38 +8,17 @@ filters for good is :func:`prunekit.core.compaction.compact_masked`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.core.layers import filter_prunable_layers
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.core.targets import parse_target, table_macs
 from prunekit.errors import UserError
 
-if TYPE_CHECKING:
-    from prunekit.core.groups import ChannelGroup
-
 log = logging.getLogger(__name__)
-
-
-def filter_prunable_layers(model: nn.Module, example_input: torch.Tensor,
-                           groups: Sequence[ChannelGroup] | None = None) -> list[str]:
-    """Roots of the channel groups that can be removed, classifier outputs excluded.
-
-    A group coupled to something that cannot shrink (an option-A shortcut, a grouped conv, a
-    LayerNorm across channels) is left out, so residual widths of such models stay whole. Each
-    group is ranked by its root layer's filters. ``groups``: the model's channel groups, if built.
-    """
-    from prunekit.core.groups import channel_groups  # Torch-Pruning only when asked for
-
-    classifier = next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
-    groups = groups if groups is not None else channel_groups(model, example_input)
-    for group in groups:
-        if group.blocked:
-            log.info("not pruning group %s: %s", group.root, group.blocked)
-    return [g.root for g in groups if not g.blocked and classifier not in g.out_layers]
 
 
 def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, granularity: str = "filter",
@@ -57,7 +36,7 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, target: str, gr
     if parsed.unit == "macs" and granularity != "filter":
         raise UserError(f"target: {parsed} needs granularity filter (removing weights saves no MACs)")
     if granularity in ("filter", "channel"):
-        from prunekit.core.groups import channel_groups
+        from prunekit.core.groups import channel_groups  # Torch-Pruning only when asked for
 
         groups = channel_groups(model, example_input)
         layers = filter_prunable_layers(model, example_input, groups)
