@@ -51,16 +51,16 @@ def child_search(name: str, side: int, scope: str) -> dict:
     import torch
 
     from prunekit.core import targets
-    from prunekit.core.oneshot import filter_prunable_layers, uniform_fraction_for_macs
     from prunekit.core.sparsifier import Sparsifier
 
+    layers_of, share_of = _layer_and_share_functions()
     model, x = _model_and_input(name, side)
-    layers = filter_prunable_layers(model, x)
+    layers = layers_of(model, x)
     make = getattr(targets, "table_macs", None) or targets.compacted_macs
     start, cpu = time.perf_counter(), time.process_time()
     macs_of = make(model, x)
     sparsifier = Sparsifier(model, "filter", "l1", scope, layers, macs_of=macs_of, normalize=scope == "global")
-    target = uniform_fraction_for_macs(sparsifier, TARGET, macs_of) if scope == "local" else f"macs={TARGET}"
+    target = share_of(sparsifier, TARGET, macs_of) if scope == "local" and share_of else f"macs={TARGET}"
     keep = sparsifier.plan(target)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     dense = macs_of({n: torch.ones_like(m) for n, m in keep.items()})
@@ -68,12 +68,22 @@ def child_search(name: str, side: int, scope: str) -> dict:
             "achieved": round(macs_of(keep) / dense, 5)}
 
 
+def _layer_and_share_functions():
+    """``filter_prunable_layers`` and, in the code before the plug-in interface, the local-scope share
+    bisection the CLI called itself (now a Sparsifier plan: None)."""
+    try:
+        from prunekit.core.layers import filter_prunable_layers
+        return filter_prunable_layers, None
+    except ImportError:
+        from prunekit.core.oneshot import filter_prunable_layers, uniform_fraction_for_macs
+        return filter_prunable_layers, uniform_fraction_for_macs
+
+
 def child_phases(name: str, side: int, scope: str) -> dict:
     """This checkout's ``prunekit prune`` steps, one timer each (the CLI's order): CPU seconds."""
     import torch
 
     from prunekit.core.compaction import compact
-    from prunekit.core.oneshot import filter_prunable_layers, uniform_fraction_for_macs
     from prunekit.core.sparsifier import Sparsifier
     from prunekit.core.targets import table_macs
     from prunekit.measure import count_macs
@@ -88,11 +98,12 @@ def child_phases(name: str, side: int, scope: str) -> dict:
 
     model, x = _model_and_input(name, side)
     timed("count_macs before", count_macs, model, x)
+    filter_prunable_layers, share_of = _layer_and_share_functions()
     layers = timed("channel groups (filter_prunable_layers)", filter_prunable_layers, model, x)
     macs_of = timed("cost table (channel groups again + trace)", table_macs, model, x)
     sparsifier = Sparsifier(model, "filter", "l1", scope, layers, macs_of=macs_of, normalize=scope == "global")
-    if scope == "local":
-        target = timed("uniform share bisection", uniform_fraction_for_macs, sparsifier, TARGET, macs_of)
+    if scope == "local" and share_of:
+        target = timed("uniform share bisection", share_of, sparsifier, TARGET, macs_of)
     else:
         target = f"macs={TARGET}"
     timed("masks (plan + update)", sparsifier.update, target)

@@ -83,12 +83,6 @@ def compact_masked(model: nn.Module, masks: MaskSet, example_input: torch.Tensor
     return compact(model, keep, example_input, optimizer=optimizer)
 
 
-def remove_output_channels(model: nn.Module, keep: dict[str, torch.Tensor],
-                           example_input: torch.Tensor) -> nn.Module:
-    """Shapes only: :func:`compact` without the output check (e.g. to count a candidate's MACs)."""
-    return compact(model, keep, example_input, verify=False).model
-
-
 def _plan(groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> list[tuple[ChannelGroup, torch.Tensor]]:
     """The groups that lose channels, in module order, with their sorted kept indices.
 
