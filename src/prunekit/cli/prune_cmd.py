@@ -3,8 +3,8 @@
 The flags are generated from the methods' schemas (every key of every ``prune`` section is a
 ``--key``; ``--set KEY=VALUE`` reaches nested keys), the section they build is validated by
 the same code as a recipe's, and the same prune stage (:func:`prunekit.methods.run_prune`)
-measures, prunes, compacts and saves. ``--method`` may be left out when the given keys fit
-exactly one method.
+measures, prunes, compacts and saves. ``--method`` may be left out: the given keys pick the
+method that takes them (several: those whose section is valid, then the one with the fewest keys).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("prune", help="prune a saved model with a method (weights=, filters=, macs= or its own keys)")
     parser.add_argument("model_dir", type=Path, help="directory with model.json + model.safetensors")
     parser.add_argument("--method", default=argparse.SUPPRESS,
-                        help=f"one of {', '.join(METHODS.names())} (default: the one the given keys fit)")
+                        help=f"one of {', '.join(METHODS.names())} (default: the plainest method that takes the "
+                             "given keys)")
     keys = parser.add_argument_group("method keys (the recipe's prune section; see docs/recipes.md)")
     for name, (annotation, owners) in _method_keys().items():
         flag = "--" + name.replace("_", "-")
@@ -106,6 +107,10 @@ def _infer_method(given: dict[str, Any]) -> str:
 
     complete = [name for name in METHODS if all(k in given for k, f in keys(name).items() if f.is_required())]
     fits = [name for name in complete if set(given) <= set(keys(name))]
+    if len(fits) > 1:  # keys several methods take: those whose section is valid, then the plainest one
+        valid = [name for name in fits if _validates({"method": name, **given})] or fits
+        fewest = min(len(keys(name)) for name in valid)
+        fits = [name for name in valid if len(keys(name)) == fewest]
     if len(fits) == 1:
         return fits[0]
     if not fits and len(complete) == 1:  # the one method the required keys point to, given a key it lacks
@@ -114,6 +119,14 @@ def _infer_method(given: dict[str, Any]) -> str:
                         f"(it takes {', '.join(keys(complete[0]))})")
     which = f"they fit {', '.join(fits)}" if fits else "no method takes exactly these keys"
     raise UserError(f"--method: name the method ({', '.join(METHODS.names())}); {which}")
+
+
+def _validates(raw: dict[str, Any]) -> bool:
+    try:
+        validate_prune(raw)
+    except (RecipeError, UserError):
+        return False
+    return True
 
 
 def _flag_wording(error: RecipeError) -> UserError:
