@@ -108,6 +108,8 @@ class TrainSection(TrainSpec):
             if late:
                 raise ValueError(f"rewind_points: {late} lie beyond the {self.epochs} training epochs")
             return self
+        if not self.checkpoint.strip():
+            raise ValueError("checkpoint: expected a model directory, got an empty string")
         others = sorted(self.model_fields_set - {"checkpoint"})
         if others:
             raise ValueError(f"checkpoint: skips dense training, so it cannot be combined with "
