@@ -14,8 +14,8 @@ recipe run under runs/autobot/seed<S>/:
   the one right after pruning (no BN recalibration, no fine-tuning); it also gives the achieved
   MACs and the gate-training wall time. ``--phase prune`` runs these, ``--parallel`` at a time.
 * ``after`` — the recipe itself: the same pruning (again: the run checks it reproduces the
-  ``before`` model's accuracy) and the 5-epoch §4.7 fine-tune. ``--phase finetune`` runs these
-  one at a time with one torch thread.
+  ``before`` model's accuracy) and the 5-epoch §4.7 fine-tune. ``--phase finetune`` runs these,
+  ``--parallel`` at a time, each with one torch thread.
 
 An arm's result file (benchmarks/results/autobot/<arm>-seed<S>-<variant>.json) is written only
 when its run finished, so a killed experiment is continued by running the same command again
@@ -203,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--phase", choices=("prune", "finetune", "all"), default="all")
-    parser.add_argument("--parallel", type=int, default=2, help="pruning-only runs at once (fine-tunes: one)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once, one torch thread each")
     parser.add_argument("--summary-only", action="store_true", help="summarise the finished runs; run nothing")
     parser.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +215,7 @@ def main() -> None:
         if args.phase in ("prune", "all"):
             launch([(a, s, "before") for a, s in ARMS], args.parallel, args)
         if args.phase in ("finetune", "all"):
-            launch([(a, s, "after") for a, s in ARMS], 1, args)
+            launch([(a, s, "after") for a, s in ARMS], args.parallel, args)
     summarise()
 
 

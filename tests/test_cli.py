@@ -65,6 +65,22 @@ def test_existing_run_is_not_overwritten_without_resume(capsys, tmp_path):
     assert code == 2 and "already holds a run; pass --resume" in err
 
 
+def test_resume_uses_the_recorded_settings_and_extend_is_recorded(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(capsys, *TRAIN, "--lr", "0.05", "--out", run)[0] == 0
+    code, out, err = run_cli(capsys, "train", "--out", run, "--resume")  # nothing to do: it is finished
+    assert code == 0, err
+    record = json.loads((run / "train_config.json").read_text())
+    assert record["lr"] == 0.05 and "extended_from" not in record
+    epochs = record["epochs"]
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--extend", "--epochs", epochs + 1)
+    assert code == 0, err
+    record = json.loads((run / "train_config.json").read_text())
+    assert record["epochs"] == epochs + 1 and record["extended_from"] == epochs and record["lr"] == 0.05
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in history] == list(range(1, epochs + 2))
+
+
 def test_macs_json_matches_the_reference_counts(capsys):
     code, out, _ = run_cli(capsys, "macs", "resnet56", "--input", "3x32x32", "--json")
     assert code == 0

@@ -8,6 +8,8 @@ a ``setup`` that writes the files the command needs, relative to the working dir
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +19,7 @@ import pytest
 from cifar_files import payloads, write_fake_cifar, write_payload_batch
 from cli_runner import run_cli
 from prunekit.artifact import ModelSpec, save_artifact
+from prunekit.cli.main import main
 from prunekit.data import cifar
 from prunekit.models import build_model
 
@@ -70,6 +73,13 @@ def damaged(file: str, how: str, *, model: bool = False) -> Callable[[Path], Non
 
 def _nothing(cwd: Path) -> None:
     pass
+
+
+def finished_run(cwd: Path) -> None:
+    """``run/``: a finished 1-epoch small_cnn run on digits (lr 0.2, the default)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["train", "--model", "small_cnn", "--data", "digits", "--epochs", "1", "--subset", "256",
+                     "--out", str(cwd / "run")]) == 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,17 @@ CASES = [
          "cannot write 'afile/pruned/", cifar_model),
     Case("export-onnx-under-file", ("export", "model", "--onnx", "afile/model.onnx"),
          "cannot write 'afile/model.onnx'", cifar_model),
+    # defect 9: a resume that contradicts the recorded run
+    Case("resume-other-model", ("train", "--model", "resnet20", "--out", "run", "--resume"),
+         "--model: 'resnet20' contradicts the run's recorded 'small_cnn'", finished_run),
+    Case("resume-other-lr", ("train", "--out", "run", "--resume", "--lr", "0.5"),
+         "--lr: 0.5 contradicts the run's recorded 0.2", finished_run),
+    Case("resume-longer-without-extend", ("train", "--out", "run", "--resume", "--epochs", "3"),
+         "--epochs: 3 contradicts the run's recorded 1; --resume continues the recorded settings (add --extend",
+         finished_run),
+    Case("extend-without-resume", (*TRAIN_DIGITS, "--extend", "--out", "run"), "--extend: only with --resume"),
+    Case("extend-not-longer", ("train", "--out", "run", "--resume", "--extend"),
+         "--extend: give a --epochs larger than the run's recorded 1", finished_run),
     Case("schedule-plot-unwritable", ("schedule", "agp", "--final", "0.5", "--plot", f"{UNWRITABLE}.png"),
          f"cannot write '{UNWRITABLE}.png'"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import ContextManager
 
 import torch
@@ -11,17 +12,21 @@ from prunekit.errors import UserError
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+    """``auto`` picks CUDA when present, else the CPU; under torchrun (LOCAL_RANK set) a CUDA
+    device without an index is this rank's GPU."""
     if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: cuda was requested but no CUDA device is available")
+        device = name
+    elif name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("device: cuda was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is None and os.environ.get("LOCAL_RANK", "").isdigit():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 

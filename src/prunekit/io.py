@@ -2,13 +2,18 @@
 
 A path that cannot be written (its folder lies under a file, is read-only, or the path is a
 directory) is a one-line :class:`UserError` naming it, and nothing is left behind.
-Imports only the standard library at module level (the results store uses it without torch).
+Under an initialised ``torch.distributed`` process group only rank 0 writes: on the other ranks
+every writer here works on a scratch file that is thrown away (:func:`discards_writes`), so code
+that saves needs no rank checks. Imports only the standard library at module level (the results
+store uses it without torch).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,10 +38,40 @@ def unwritable(path: str | os.PathLike, err: OSError, what: str = "cannot write"
     return UserError(f"{what} '{path}': {reason}")
 
 
+def discards_writes() -> bool:
+    """True on a rank other than 0 of an initialised process group (its writes are thrown away)."""
+    dist = sys.modules.get("torch.distributed")  # loaded only by callers that use torch
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """``mkdir -p`` (rank 0 only), with the one-line error of :func:`unwritable`."""
+    if discards_writes():
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise unwritable(path, err) from None
+
+
+@contextmanager
+def _scratch_path(name: str) -> Iterator[Path]:
+    folder = tempfile.mkdtemp(prefix="prunekit-discarded-")
+    try:
+        yield Path(folder) / name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path to write; on success rename it over ``path``."""
+    """Yield a temporary sibling path to write; on success rename it over ``path`` (on ranks
+    other than 0: a scratch path, deleted after)."""
     target = Path(path)
+    if discards_writes():
+        with _scratch_path(target.name) as scratch:
+            yield scratch
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from prunekit.cli.parsing import positive_int
+from prunekit.distributed import current
 from prunekit.errors import UserError
+from prunekit.train.config import LR_SCALING
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, default_batch: int = 128) -> None:
@@ -27,9 +29,34 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of a torchrun launch (``torchrun --nproc-per-node N -m prunekit ...``)."""
+    group = parser.add_argument_group("torchrun (several processes)")
+    group.add_argument("--scale-lr", choices=LR_SCALING, default="none",
+                       help="batches are per rank, so the global batch grows with the world size; "
+                            "linear multiplies the LR by it (default none)")
+    group.add_argument("--sync-batchnorm", action="store_true",
+                       help="BatchNorm statistics over the global batch (CUDA only)")
+
+
+def launch_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields a launch sets: ``scale_lr``, ``sync_batchnorm``."""
+    return {"scale_lr": args.scale_lr, "sync_batchnorm": args.sync_batchnorm}
+
+
+def launch_line(batch_size: int, launch: dict) -> str | None:
+    """The line that states a torchrun launch's world size, batches and LR rule (None: one process)."""
+    ranks = current()
+    if not ranks.distributed:
+        return None
+    return (f"torchrun: {ranks.world_size} processes, batch {batch_size} per rank = {batch_size * ranks.world_size} "
+            f"global, LR scaling {launch['scale_lr']}{', SyncBatchNorm' if launch['sync_batchnorm'] else ''}")
+
+
 def console() -> Console:
-    """Rich console; when the output is not a terminal (logs, CI) tables get 120 columns, not 80."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    """Rich console; when the output is not a terminal (logs, CI) tables get 120 columns, not 80.
+    Under torchrun only rank 0 prints."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120, quiet=not current().is_main)
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:

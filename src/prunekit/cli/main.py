@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from prunekit.device import resolve_device
+from prunekit.distributed import init_from_env, shutdown
 from prunekit.errors import UserError
 
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        init_from_env(resolve_device(getattr(args, "device", "auto")))
         return args.run(args) or 0
     except UserError as exc:
         sys.stderr.write(f"prunekit {args.command}: error: {exc}\n")
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

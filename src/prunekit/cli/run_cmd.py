@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from prunekit.cli.common import console
+from prunekit.cli.common import add_launch_arguments, console, launch_line, launch_options
 from prunekit.cli.parsing import positive_int
 from prunekit.cli.progress import ProgressHook
 from prunekit.errors import UserError
@@ -32,6 +32,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help=f"results store (default OUT/{STORE_NAME})")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue an interrupted run (or every run of a group directory)")
+    add_launch_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if args.recipe is not None or args.overrides or args.seeds is not None:
             raise UserError("--resume: continues a run with its own recipe.yaml; give no RECIPE, --set or --seeds")
         try:
-            rows = resume(args.resume, hooks_for=hooks_for, events=events)
+            rows = resume(args.resume, hooks_for=hooks_for, events=events, launch=launch_options(args))
         except RecipeError as exc:
             return _problems(args, exc)
     else:
@@ -55,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
             return _problems(args, exc)
         out.print(f"recipe {recipe.name} ({len(recipe.seeds)} seed{'s' * (len(recipe.seeds) > 1)}, "
                   f"digest {recipe.digest()[:8]}) -> {args.out}")
+        if (line := launch_line(recipe.data.batch_size, launch_options(args))) is not None:
+            out.print(line)
         rows = run_recipe(recipe, args.out, store=args.store, hooks_for=hooks_for, events=events,
-                          source=str(args.recipe))
+                          source=str(args.recipe), launch=launch_options(args))
     out.print(_table(rows))
     return 0
 

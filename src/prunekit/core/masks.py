@@ -95,6 +95,16 @@ class MaskSet:
                             "masks (their zeros stay in place; use granularity filter to remove channels)")
         return {name: kept.nonzero().flatten() for name, kept in self.unit_masks().items()}
 
+    def checksum(self) -> torch.Tensor:
+        """Per layer (in name order): kept count and a position-weighted sum of the mask, as
+        float64; equal masks give equal checksums (what ranks compare under torchrun)."""
+        sums = []
+        for _, mask in sorted(self.masks().items()):
+            flat = mask.detach().flatten().double()
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) % 1_000_003
+            sums += [flat.sum(), (flat * weights).sum()]
+        return torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+
     def realised_sparsity(self) -> RealisedSparsity:
         """Pruned fraction of each layer's weights and of all of them together."""
         pruned = {name: int((mask == 0).sum()) for name, mask in self.masks().items()}

@@ -15,6 +15,7 @@ from prunekit.data.digits import build_digits
 from prunekit.data.imagefolder import build_imagefolder
 from prunekit.data.loader import (BatchLoader, DataBundle, LoaderOptions, TensorLoader, check_int,
                                   check_rank)
+from prunekit.distributed import current
 from prunekit.errors import UserError
 from prunekit.registry import Registry
 
@@ -40,8 +41,8 @@ def build_data(
     seed: int = 0,
     augment: bool = True,
     subset: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     download: bool = True,
     **options: Any,
 ) -> DataBundle:
@@ -49,7 +50,13 @@ def build_data(
 
     ``subset=N`` keeps the first N training and first N // 5 (at least one) test images.
     ``options`` go to the data set's builder (``imagefolder``: ``image_size``, ``num_workers``).
+    ``rank``/``world_size`` default to the current torchrun process group
+    (:func:`prunekit.distributed.current`; one rank without one): each rank gets its shard.
     """
+    if rank is None or world_size is None:
+        shard = current().shard
+        rank = shard["rank"] if rank is None else rank
+        world_size = shard["world_size"] if world_size is None else world_size
     builder = DATASETS.get(name)
     check_int("batch_size", batch_size, 1)
     check_int("test_batch_size", test_batch_size, 1)

@@ -9,6 +9,11 @@ between stages through disk in the one model format (:mod:`prunekit.artifact`: `
 uninterrupted run follow the same path. The stages know no method: the recipe's plug-ins
 (:func:`prunekit.methods.plugins_for`) add hooks, prune and prepare retraining.
 
+Under torchrun every rank runs every stage (training under DDP, data sharded by rank); rank 0
+decides which stages are done and alone writes (:mod:`prunekit.io`); the ranks meet after each
+stage, so the next one reads what rank 0 wrote (the run directory must be on a file system
+every rank sees).
+
     RUN_DIR/
       recipe.yaml  run.json  result.json  metrics.jsonl  metrics.csv
       train/    checkpoints/last.pt  metrics.jsonl  model.*  stage.json     dense model
@@ -21,6 +26,7 @@ uninterrupted run follow the same path. The stages know no method: the recipe's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -35,9 +41,10 @@ from prunekit.artifact import ModelSpec, load_artifact, load_masks, save_artifac
 from prunekit.core.compaction import compact_masked
 from prunekit.data import DataBundle, build_data
 from prunekit.device import resolve_device
+from prunekit.distributed import current
 from prunekit.experiment.loggers import LoggerHook, MetricLogger
 from prunekit.experiment.recipe import Recipe
-from prunekit.io import write_json
+from prunekit.io import make_dirs, write_json
 from prunekit.measure import count_macs, count_params
 from prunekit.methods import MethodContext, plugins_for, run_prune
 from prunekit.methods.base import training_summary
@@ -66,8 +73,12 @@ class StageContext:
     """What stages share within one run: the recipe (one seed), the run directory, data, device."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, loggers: Sequence[MetricLogger] = (),
-                 hooks_for: HooksFor | None = None, events: Events | None = None) -> None:
+                 hooks_for: HooksFor | None = None, events: Events | None = None,
+                 launch: dict[str, Any] | None = None) -> None:
         self.recipe = recipe
+        self.ranks = current()
+        self.launch = dict(launch or {})
+        """TrainConfig fields the launch sets for every training (``scale_lr``, ``sync_batchnorm``)."""
         self.seed = recipe.seeds[0]
         self.run_dir = Path(run_dir)
         self.device = resolve_device(recipe.device)
@@ -141,6 +152,7 @@ class StageContext:
         hooks = [*hooks, LoggerHook(self.loggers, stage, before), *self.hooks_for(stage)]
         data = data or self.data
         config = spec.config(self.seed) if isinstance(spec, TrainSpec) else spec
+        config = dataclasses.replace(config, **self.launch)
         trainer = Trainer(model, data.train, data.test, config, hooks=hooks, run_dir=run_dir, device=self.device)
         return trainer, trainer.fit(resume=True)
 
@@ -177,7 +189,7 @@ def run_stages(ctx: StageContext) -> dict[str, dict[str, Any]]:
     for stage in STAGES:
         if not applies(ctx.recipe, stage):
             continue
-        marker = done(ctx, stage)
+        marker = ctx.ranks.broadcast(done(ctx, stage))  # rank 0's view: another rank may be ahead of a write
         if marker is not None:
             ctx.events(stage, "skip", marker)
             log.info("stage %s already done in %s", stage, ctx.run_dir)
@@ -186,13 +198,14 @@ def run_stages(ctx: StageContext) -> dict[str, dict[str, Any]]:
         ctx.events(stage, "start", {})
         began = time.perf_counter()
         out = ctx.run_dir / STAGE_DIRS[stage]
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         summary = STAGE_FUNCTIONS[stage](ctx, model_source(ctx, stage), out)
         elapsed = time.perf_counter() - began
         # a training stage's own clock spans every session of a resumed run; others take this session's
         summary = {"stage": stage, **summary,
                    "wall_time_s": summary.pop("trainer_wall_time_s", None) or elapsed}
         write_json(out / MARKER, summary)
+        ctx.ranks.barrier()
         ctx.events(stage, "done", summary)
         markers[stage] = summary
     return markers

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.device import autocast
-from prunekit.distributed import SINGLE, DistContext
+from prunekit.distributed import SINGLE, DistContext, current
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,14 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
-             dist: DistContext = SINGLE) -> EvalResult:
-    """Mean cross-entropy and top-1 accuracy of ``model`` in eval mode (training flag restored)."""
+             dist: DistContext | None = None) -> EvalResult:
+    """Mean cross-entropy and top-1 accuracy of ``model`` in eval mode (training flag restored).
+
+    Batches from one rank's shard (a loader with ``world_size`` > 1) are summed over the ranks
+    of ``dist`` (default: the current process group), so every rank gets the whole set's figures.
+    """
+    if dist is None:
+        dist = current() if getattr(batches, "world_size", 1) > 1 else SINGLE
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count

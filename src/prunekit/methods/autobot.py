@@ -220,6 +220,8 @@ class GateTraining(Hook):
         return term.to(device=outputs.device, dtype=torch.float32)
 
     def on_step_end(self, trainer: Trainer, loss: torch.Tensor) -> None:
+        if trainer.dist.distributed:  # the loss of the global batch, so every rank keeps the same step
+            loss = trainer.dist.sum(loss) / trainer.dist.world_size
         self.best.update(trainer.global_step, self.steps, loss, self._values)
 
     def state_dict(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from torch import nn
 from prunekit.core.compaction import compact_masked
 from prunekit.core.manifest import Manifest
 from prunekit.core.masks import MaskSet
+from prunekit.distributed import current
 from prunekit.errors import UserError
 from prunekit.registry import Registry
 from prunekit.schema import Section, TrainSpec
@@ -204,6 +205,11 @@ def run_prune(method: Method, model: nn.Module, spec: ModelSpec, ctx: MethodCont
     macs_before, params_before = count_macs(model, ctx.input_shape).total, count_params(model)
     result = method.prune(model, ctx)
     model, masks, manifest = result.model.to("cpu"), result.masks, result.manifest
+    ranks = current()  # under torchrun every rank pruned; they must agree
+    if masks is not None:
+        ranks.check_identical("masks", masks.checksum())
+    if manifest is not None:
+        ranks.check_same("kept channels", sorted(manifest.kept.items()))
     diff = None
     if masks is not None and masks.structured:
         if compact:

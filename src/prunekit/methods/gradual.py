@@ -128,6 +128,7 @@ class GradualPruning(Hook):
         if due and target != self.applied:
             self.sparsifier.update(target, optimizer=trainer.optimizer)
             self.applied = target
+            trainer.check_identical("masks", self.sparsifier.mask_set.checksum())
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
         self.sparsifier.enforce(trainer.optimizer)

@@ -52,6 +52,7 @@ from prunekit.core.onthefly import prunable_layers, prune_at_ratio
 from prunekit.core.recovery import describe_cost, recover
 from prunekit.core.schedules import SCHEDULES, Schedule, build_schedule
 from prunekit.core.transforms import apply_transform, recorded
+from prunekit.distributed import current
 from prunekit.errors import UserError
 from prunekit.methods.base import Method, MethodContext, PruneResult, register_method
 from prunekit.schema import Fraction, HalfOpenFraction, NonNegativeFloat, NonNegativeInt
@@ -188,6 +189,7 @@ class Hyperspherical(Method):
         """The labelled extra: accuracy of a copy with BN statistics recomputed on training batches."""
         twin = copy.deepcopy(model).to(ctx.device)
         used = recalibrate_bn(twin, ctx.data.train, self.bn_recalibration)
+        current().broadcast_buffers(twin)  # under torchrun: rank 0's statistics (its shard's batches)
         return {"test_acc_bn_recalibrated_extra": ctx.test_accuracy(twin),
                 "bn_recalibration": f"extra, not the headline figure: BatchNorm statistics of a copy recomputed "
                                     f"on {used} training batches; the saved model keeps its own"}

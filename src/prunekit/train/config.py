@@ -9,6 +9,7 @@ from prunekit.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCALING = ("none", "linear")
 
 
 @dataclass
@@ -32,6 +33,12 @@ class TrainConfig:
     ``optimizer``: ``sgd`` (with ``momentum``, ``nesterov``), ``adam`` (``torch.optim.Adam``;
     ``weight_decay`` is its coupled L2 term, so 0 gives plain Adam) or ``adamw`` (decoupled decay);
     both Adams take ``betas`` and ``eps``.
+
+    Under torchrun (see :mod:`prunekit.distributed`) every rank takes batches of the loader's
+    batch size, so the global batch is that times the world size; ``scale_lr="linear"``
+    multiplies ``lr`` (the plan's peak) by the world size, ``"none"`` keeps it.
+    ``sync_batchnorm`` turns BatchNorm layers into SyncBatchNorm for the length of
+    :meth:`Trainer.fit` (CUDA only: PyTorch has no CPU SyncBatchNorm).
     """
 
     epochs: int = 15
@@ -53,6 +60,8 @@ class TrainConfig:
     channels_last: bool | None = None
     seed: int = 0
     eval_every: int = 1
+    scale_lr: str = "none"
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
@@ -70,6 +79,8 @@ class TrainConfig:
         _require(_is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
         _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _require(isinstance(self.eval_mode, bool), "eval_mode", "true or false", self.eval_mode)
+        _require(self.scale_lr in LR_SCALING, "scale_lr", f"one of {', '.join(LR_SCALING)}", self.scale_lr)
+        _require(isinstance(self.sync_batchnorm, bool), "sync_batchnorm", "true or false", self.sync_batchnorm)
         if self.trainable is not None:
             _require(isinstance(self.trainable, (list, tuple)) and len(self.trainable) > 0
                      and all(isinstance(p, str) and p for p in self.trainable),

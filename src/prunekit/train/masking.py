@@ -27,6 +27,10 @@ class EnforceMasks(Hook):
     def __init__(self, masks: MaskSet | Sparsifier) -> None:
         self.masks = masks
 
+    def on_train_begin(self, trainer: Trainer) -> None:
+        mask_set = self.masks.mask_set if isinstance(self.masks, Sparsifier) else self.masks
+        trainer.check_identical("masks", mask_set.checksum())
+
     def after_optimizer_step(self, trainer: Trainer) -> None:
         self.masks.enforce(trainer.optimizer)
 

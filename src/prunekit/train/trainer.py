@@ -15,7 +15,10 @@ from torch import nn
 
 from prunekit.data.loader import BatchLoader
 from prunekit.device import autocast, resolve_device, resolve_precision, use_channels_last
-from prunekit.distributed import SINGLE, DistContext
+from prunekit.core.compaction import CompactionResult, compact_masked
+from prunekit.core.masks import MaskSet
+from prunekit.distributed import SINGLE, DistContext, current
+from prunekit.errors import UserError
 from prunekit.io import atomic_open
 from prunekit.measure.accuracy import evaluate
 from prunekit.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -23,6 +26,7 @@ from prunekit.train.config import TrainConfig
 from prunekit.train.hooks import Hook
 from prunekit.train.lr_plans import LRPlan, build_lr_plan
 from prunekit.train.optim import build_optimizer, frozen_parameters, set_lr_and_momentum
+from prunekit.train.parallel import check_sharded, from_sync_batchnorm, to_sync_batchnorm, wrap
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,9 @@ class RunningStats:
         self.totals[1] += (logits.detach().argmax(1) == labels).sum()
         self.totals[2] += count
 
-    def means(self) -> tuple[float, float, int]:
-        loss_sum, correct, count = self.totals.tolist()
+    def means(self, dist: DistContext = SINGLE) -> tuple[float, float, int]:
+        """Means over this rank's batches, or over every rank's with the launch's ``dist``."""
+        loss_sum, correct, count = dist.sum(self.totals).tolist()
         count = max(count, 1)
         return loss_sum / count, correct / count, int(count)
 
@@ -86,11 +91,16 @@ class Trainer:
     The budget is ``total_steps`` optimizer steps over ``total_epochs`` epochs (the config's
     ``steps``, or ``epochs`` full passes); a step budget may end inside the last epoch, which is
     still evaluated and recorded.
+
+    Under torchrun (an initialised process group, :func:`prunekit.distributed.current`) ``fit``
+    trains the model under DistributedDataParallel: ``train`` must be this rank's shard, metrics
+    are summed over ranks, and only rank 0 writes. ``model`` stays the plain module (hooks see
+    it); :meth:`compact` removes channels mid-run on every rank alike.
     """
 
     def __init__(self, model: nn.Module, train: BatchLoader, test: BatchLoader | None,
                  config: TrainConfig, *, hooks: Sequence[Hook] = (), run_dir: str | Path | None = None,
-                 device: str | torch.device = "auto", dist: DistContext = SINGLE,
+                 device: str | torch.device = "auto", dist: DistContext | None = None,
                  lr_plan: LRPlan | None = None) -> None:
         self.config = config
         self.device = resolve_device(device)
@@ -101,7 +111,13 @@ class Trainer:
         self.train_loader, self.test_loader = train, test
         self.hooks = list(hooks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.dist = dist
+        self.dist = dist if dist is not None else current()
+        for loader in (train, test):
+            check_sharded(loader, self.dist)
+        if config.sync_batchnorm and self.dist.distributed and self.device.type != "cuda":
+            raise UserError("sync_batchnorm: PyTorch's SyncBatchNorm runs on CUDA only; on a CPU leave it off")
+        self.lr_scale = self.dist.world_size if config.scale_lr == "linear" else 1
+        self.ddp: nn.Module | None = None  # the DDP wrapper while fit runs under torchrun
         self.steps_per_epoch = len(train)
         if self.steps_per_epoch == 0:
             raise ValueError("the training loader yields no batch")
@@ -109,7 +125,7 @@ class Trainer:
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.frozen = frozen_parameters(self.model, config.trainable)
         self.optimizer = build_optimizer(self.model, config, self.frozen)
-        self.lr_plan = lr_plan or build_lr_plan(config.lr_plan, lr=config.lr, epochs=self.total_epochs,
+        self.lr_plan = lr_plan or build_lr_plan(config.lr_plan, lr=config.lr * self.lr_scale, epochs=self.total_epochs,
                                                 steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                                                 **config.lr_plan_args)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -133,6 +149,7 @@ class Trainer:
             torch.manual_seed(self.config.seed)
         for param in self.frozen:
             param.requires_grad_(False)
+        synced = self._begin_parallel()
         try:
             self._call("on_train_begin")
             while self.epoch < self.total_epochs:
@@ -148,9 +165,35 @@ class Trainer:
                 log.info("epoch %d/%d %s", metrics.epoch, self.total_epochs, _brief(metrics))
             self._call("on_train_end")
         finally:
+            self.ddp = None
+            from_sync_batchnorm(self.model, synced)
             for param in self.frozen:
                 param.requires_grad_(True)
         return self._result()
+
+    def _begin_parallel(self) -> dict[str, nn.Module]:
+        """Under torchrun: log the launch, swap in SyncBatchNorm if asked, wrap the model in DDP."""
+        if not self.dist.distributed:
+            return {}
+        batch = getattr(self.train_loader, "batch_size", None)
+        log.info("distributed: world size %d, batch %s per rank, global batch %s, LR scaling %s (lr %g)",
+                 self.dist.world_size, batch, batch * self.dist.world_size if batch else "?",
+                 self.config.scale_lr, self.config.lr * self.lr_scale)
+        synced = to_sync_batchnorm(self.model, self.device) if self.config.sync_batchnorm else {}
+        self.ddp = wrap(self.model, self.dist, self.device)
+        return synced
+
+    def compact(self, masks: MaskSet, example_input: torch.Tensor) -> CompactionResult:
+        """Remove the filters ``masks`` pruned from the model in training, re-binding the optimizer
+        (state sliced alike) and, under torchrun, rebuilding the DDP wrapper; every rank calls it."""
+        result = compact_masked(self.model, masks, example_input.to(self.device), optimizer=self.optimizer)
+        if self.ddp is not None:
+            self.ddp = wrap(self.model, self.dist, self.device)
+        return result
+
+    def check_identical(self, what: str, checksum: torch.Tensor) -> None:
+        """Under torchrun, stop unless every rank holds the same ``checksum`` of ``what``."""
+        self.dist.check_identical(what, checksum)
 
     def _train_epoch(self, epoch: int) -> EpochMetrics:
         self.model.train(not self.config.eval_mode)
@@ -162,7 +205,7 @@ class Trainer:
             self._train_step(images, labels)
             if self.global_step >= self.total_steps:
                 break
-        loss, acc, count = self.running.means()
+        loss, acc, count = self.running.means(self.dist)
         elapsed = time.perf_counter() - began
         return EpochMetrics(epoch=epoch + 1, train_loss=loss, train_acc=acc,
                             lr=self.optimizer.param_groups[0]["lr"], images_per_s=count / elapsed,
@@ -173,7 +216,7 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         self._call("on_step_begin")
         with autocast(self.device, self.precision):
-            logits = self.model(images)
+            logits = (self.ddp or self.model)(images)
             loss = self.criterion(logits.float(), labels)
             for hook in self.hooks:
                 term = hook.extra_loss(self, logits, labels)
@@ -194,6 +237,7 @@ class Trainer:
     def _evaluate_into(self, metrics: EpochMetrics) -> None:
         if self.test_loader is None:
             return
+        self.dist.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics everywhere
         result = evaluate(self.model, self.test_loader, device=self.device, precision=self.precision,
                           channels_last=self.channels_last, dist=self.dist)
         metrics.test_loss, metrics.test_acc = result.loss, result.accuracy
@@ -219,9 +263,15 @@ class Trainer:
             "hooks": {key: state for key, hook in self._keyed_hooks().items() if (state := hook.state_dict())},
             "history": [asdict(m) for m in self.history],
             "wall_time_s": self.wall_time_s,
+            "world_size": self.dist.world_size,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise UserError(f"resume: the checkpoint was written by a run of {saved_world} process(es), this launch "
+                            f"has {self.dist.world_size}; resume with the same number of processes (the data "
+                            "shards and the global batch depend on it)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved = dict(state["hooks"])
@@ -248,7 +298,10 @@ class Trainer:
         return keyed
 
     def _persist(self) -> None:
-        if self.run_dir is None or not self.dist.is_main:
+        if self.run_dir is None:
+            return
+        self.dist.broadcast_buffers(self.model)
+        if not self.dist.is_main:
             return
         save_checkpoint(self.checkpoint_path, self.state_dict())
         with atomic_open(self.run_dir / METRICS_NAME) as handle:
