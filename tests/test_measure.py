@@ -7,7 +7,7 @@ from torch import nn
 
 from prunekit.artifact import ModelSpec, load_artifact, save_artifact
 from prunekit.errors import UserError
-from prunekit.measure.latency import latency_grid, measure_latency
+from prunekit.measure.latency import Latency, LatencyComparison, compare_latency, latency_grid, measure_latency
 from prunekit.measure.sparsity import weight_sparsity
 from prunekit.models import build_model
 
@@ -59,6 +59,25 @@ def two_layer_net():
         net[1].weight[:, :2].zero_()      # 8 of 16 second-conv weights
         net[3].weight[0].zero_()          # 4 of 12 linear weights
     return net
+
+
+def test_compared_latency_alternates_rounds_and_finds_the_cheaper_model():
+    heavy = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2048), nn.ReLU(), nn.Linear(2048, 2048))
+    light = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8))
+    heavy.train()
+    result = compare_latency(heavy, light, (3, 32, 32), batch_size=8, rounds=4, repeats=3, warmup=1)
+    assert heavy.training  # restored
+    assert len(result.ratios) == 4 and result.before.repeats == result.after.repeats == 12
+    assert result.conclusive and result.speedup > 1 and result.spread[0] > 1  # dozens of times the MACs
+    assert result.speedup == sorted(result.ratios)[1] / 2 + sorted(result.ratios)[2] / 2
+
+
+def test_a_comparison_whose_rounds_disagree_is_inconclusive():
+    lat = Latency(batch_size=1, precision="fp32", median_ms=1.0, p10_ms=0.9, p90_ms=1.1, repeats=3)
+    mixed, clear = LatencyComparison(lat, lat, (0.9, 1.2, 1.1)), LatencyComparison(lat, lat, (1.3, 1.2, 1.4))
+    assert not mixed.conclusive and mixed.describe() == ("1.10x (rounds 0.90-1.20x, 3 rounds); inconclusive: "
+                                                         "the rounds disagree on which is faster")
+    assert clear.conclusive and clear.describe() == "1.30x (rounds 1.20-1.40x, 3 rounds)"
 
 
 def test_sparsity_states_what_it_covers():

@@ -43,6 +43,15 @@ def test_macs_target_is_met_and_model_is_compacted(capsys, tmp_path, trained):
     assert torch.equal(model.fc.weight, dense.fc.weight[:, kept_in])
 
 
+def test_a_target_missed_by_rounding_is_a_warning_with_the_achieved_value(capsys, caplog, tmp_path, trained):
+    # widths 32, 64, 64 keep 16, 32, 32 at filters=0.5; rounded to multiples of 24: 24, 24, 24
+    code, _, err = run_cli(capsys, "prune", trained, "--target", "filters=0.5", "--round-to", "24", "--out", tmp_path)
+    assert code == 0, err
+    assert "prune.target filters=0.5: achieved filters=0.5500, +0.0500 from the target (round_to=24)" in caplog.text
+    summary = json.loads((tmp_path / "prune.json").read_text())
+    assert summary["target_achieved"] == pytest.approx(0.55) and summary["target_met"] is False
+
+
 def test_prune_no_compact_then_compact_gives_the_same_function(capsys, tmp_path, trained):
     assert run_cli(capsys, "prune", trained, "--target", "filters=0.5", "--no-compact", "--out", tmp_path / "m")[0] == 0
     masks = load_file(tmp_path / "m" / "masks.safetensors")

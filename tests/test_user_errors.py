@@ -151,6 +151,22 @@ CASES = [
     Case("extend-without-resume", (*TRAIN_DIGITS, "--extend", "--out", "run"), "--extend: only with --resume"),
     Case("extend-not-longer", ("train", "--out", "run", "--resume", "--extend"),
          "--extend: give a --epochs larger than the run's recorded 1", finished_run),
+    # defect 5: budgets and batches beyond any real run
+    Case("train-epochs-huge", (*TRAIN_DIGITS, "--epochs", "1000000000000", "--out", "run"),
+         "epochs: expected an integer in [1, 10,000], got 1000000000000"),
+    Case("train-batch-huge", (*TRAIN_DIGITS, "--batch-size", "1000000000", "--out", "run"),
+         "batch_size must be an integer in [1, 65,536], got 1000000000"),
+    Case("recipe-epochs-huge", ("run", str(DEMO_RECIPE), "--out", "runs", "--set", "train.epochs=1000000000000"),
+         "train.epochs: expected an integer in [1, 10,000]"),
+    Case("recipe-batch-huge", ("run", str(DEMO_RECIPE), "--out", "runs", "--set", "data.batch_size=1000000000"),
+         "data.batch_size: expected an integer in [1, 65,536]"),
+    # defect 12: checks that must happen before a run directory or a store row exists
+    Case("recipe-truncated-data", ("run", str(DEMO_RECIPE), "--out", "runs", "--set", "data.data_dir=damaged"),
+         BATCHES + "data_batch_3", damaged("data_batch_3", "truncated")),
+    # defect 13: a target that cannot be met
+    Case("target-removes-nothing", ("prune", "model", "--target", "filters=0.5", "--round-to", "100000", "--out",
+                                    "pruned"),
+         "prune.target: filters=0.5 removed nothing (round_to=100000 keeps every unit of every layer)", cifar_model),
     Case("schedule-plot-unwritable", ("schedule", "agp", "--final", "0.5", "--plot", f"{UNWRITABLE}.png"),
          f"cannot write '{UNWRITABLE}.png'"),
 ]
@@ -176,3 +192,17 @@ def test_user_error_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, monkey
     assert lines[0].startswith(f"prunekit {case.argv[0]}: error: ") and case.names in lines[0], lines[0]
     assert _tree(tmp_path) == before
     assert not Path(UNWRITABLE).exists()
+
+
+def test_an_unavailable_cuda_device_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    data = REPO.parent / "shared" / "data"
+    for argv in (("run", str(DEMO_RECIPE), "--out", "runs", "--set", "device=cuda", "--set", f"data.data_dir={data}"),
+                 (*TRAIN_DIGITS, "--device", "cuda", "--out", "run")):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "cuda was requested but no CUDA device is available" in err
+    assert list(tmp_path.iterdir()) == []

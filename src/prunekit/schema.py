@@ -16,7 +16,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from prunekit.errors import UserError
 from prunekit.registry import Registry
-from prunekit.train.config import TrainConfig
+from prunekit.data.loader import MAX_BATCH_SIZE
+from prunekit.train.config import MAX_EPOCHS, MAX_STEPS, TrainConfig
 from prunekit.train.lr_plans import LR_PLANS, build_lr_plan
 
 
@@ -50,6 +51,9 @@ def _finite(value: float) -> bool:
 
 
 PositiveInt = Annotated[int, _check(lambda v: v >= 1, "an integer >= 1")]
+Epochs = Annotated[int, _check(lambda v: 1 <= v <= MAX_EPOCHS, f"an integer in [1, {MAX_EPOCHS:,}]")]
+Steps = Annotated[int, _check(lambda v: 1 <= v <= MAX_STEPS, f"an integer in [1, {MAX_STEPS:,}]")]
+BatchSize = Annotated[int, _check(lambda v: 1 <= v <= MAX_BATCH_SIZE, f"an integer in [1, {MAX_BATCH_SIZE:,}]")]
 NonNegativeInt = Annotated[int, _check(lambda v: v >= 0, "an integer >= 0")]
 PositiveFloat = Annotated[float, _check(lambda v: _finite(v) and v > 0, "a number > 0")]
 NonNegativeFloat = Annotated[float, _check(lambda v: _finite(v) and v >= 0, "a number >= 0")]
@@ -72,8 +76,8 @@ class TrainSpec(Section):
     sparsity schedule; the seed comes from the recipe's ``seeds``.
     """
 
-    epochs: PositiveInt = _TRAIN_DEFAULTS["epochs"]
-    steps: PositiveInt | None = None
+    epochs: Epochs = _TRAIN_DEFAULTS["epochs"]
+    steps: Steps | None = None
     optimizer: Literal["sgd", "adamw", "adam"] = _TRAIN_DEFAULTS["optimizer"]
     lr: PositiveFloat = _TRAIN_DEFAULTS["lr"]
     lr_plan: Annotated[str, registered(LR_PLANS)] = _TRAIN_DEFAULTS["lr_plan"]

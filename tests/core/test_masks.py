@@ -216,7 +216,8 @@ def test_parse_target_accepts(spec, expected):
     ("macs=-0.1", "expects a fraction removed in [0, 1], got -0.1"),
     ("weights=nan", "in [0, 1]"),
     ("params=0.5", "unknown unit 'params'"),
-    ("weights=lots", "expected a number after 'weights='"),
+    ("weights=lots", "expected a number (ASCII digits) after 'weights='"),
+    ("weights=٠.٥", "expected a number (ASCII digits) after 'weights='"),  # Arabic-Indic 0.5: float() reads it
 ])
 def test_parse_target_rejects(spec, message):
     with pytest.raises(UserError) as err:

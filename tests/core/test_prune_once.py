@@ -19,7 +19,7 @@ def test_option_a_resnet_prunes_only_block_internal_channels():
     assert layers == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
 
 
-@pytest.mark.parametrize("scope, round_to", [("local", None), ("local", 8), ("global", None)])
+@pytest.mark.parametrize("scope, round_to", [("local", None), ("local", 8), ("global", None), ("global", 8)])
 def test_macs_target_is_met_from_below_and_checked_after_compaction(scope, round_to):
     torch.manual_seed(0)
     model = build_model("resnet20")

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Callable
+
+
+def _float(text: str) -> float:
+    """``float(text)`` for ASCII finite numbers, else NaN (``float`` also takes '٠.٥' and 'inf')."""
+    try:
+        value = float(text) if text.isascii() else math.nan
+    except ValueError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -12,7 +22,7 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(text) if text.isascii() else minimum - 1
         except ValueError:
             value = minimum - 1
         if value < minimum:
@@ -27,17 +37,14 @@ non_negative_int = int_at_least(0)
 
 
 def number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
@@ -45,10 +52,7 @@ def positive_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     """A fraction in [0, 1); percent-style values such as 90 are refused, not guessed."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    value = _float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
     return value

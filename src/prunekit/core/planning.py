@@ -81,7 +81,7 @@ def plan_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: Macs
               round_to: int | None = None, normalize: bool = True) -> Units:
     """Filters to keep so that at least ``fraction`` of the MACs go (see the module doc)."""
     if scope == "global":
-        return bisect_macs(ranked(scores, normalize), fraction, macs_of)
+        return bisect_macs(ranked(scores, normalize), fraction, macs_of, round_to)
     share = uniform_share_for_macs(scores, fraction, macs_of, round_to)
     return local_masks(scores, dict.fromkeys(scores, share), round_to)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from torch import nn
 
 from prunekit.errors import UserError
-from prunekit.measure.latency import Latency, measure_latency
+from prunekit.measure.latency import Latency, LatencyComparison, compare_latency
 from prunekit.measure.macs import count_macs
 from prunekit.measure.params import count_params
 
@@ -45,9 +45,16 @@ class CompactionReport:
     macs_after: int
     params_before: int
     params_after: int
-    latency_before: Latency | None
-    latency_after: Latency | None
+    latency: LatencyComparison | None
     hints: tuple[str, ...]
+
+    @property
+    def latency_before(self) -> Latency | None:
+        return self.latency.before if self.latency else None
+
+    @property
+    def latency_after(self) -> Latency | None:
+        return self.latency.after if self.latency else None
 
     @property
     def macs_ratio(self) -> float:
@@ -56,20 +63,19 @@ class CompactionReport:
 
     @property
     def speedup(self) -> float | None:
-        """Dense latency / compacted latency (median), when measured."""
-        if self.latency_before is None or self.latency_after is None:
-            return None
-        return self.latency_before.median_ms / self.latency_after.median_ms
+        """Median over interleaved rounds of dense / compacted latency, when measured."""
+        return self.latency.speedup if self.latency else None
 
 
 def compaction_report(dense: nn.Module, compacted: nn.Module, input_shape: tuple[int, ...], *,
                       batch_size: int = 1, precision: str = "fp32", repeats: int = 30,
-                      warmup: int = 5) -> CompactionReport:
+                      warmup: int = 5, rounds: int = 5) -> CompactionReport:
     """Compare a dense model with its compacted version (same module names).
 
     Hints explain a speed-up short of the MACs ratio: layers left dense, widths not a multiple
-    of 8, depthwise convs. Latency comes from :func:`~prunekit.measure.latency.measure_latency`
-    at ``batch_size`` and ``precision`` (fp32 NCHW, bf16 channels_last; ``repeats=0`` skips it).
+    of 8, depthwise convs. Latency comes from :func:`~prunekit.measure.latency.compare_latency`
+    (``rounds`` alternating rounds sharing ``repeats`` calls per model) at ``batch_size`` and
+    ``precision`` (fp32 NCHW, bf16 channels_last; ``repeats=0`` skips it).
     MACs follow the thop convention at batch 1.
     """
     macs_before = {r.name: r.macs for r in count_macs(dense, input_shape).rows}
@@ -84,11 +90,11 @@ def compaction_report(dense: nn.Module, compacted: nn.Module, input_shape: tuple
             raise UserError(f"report: the compacted model has no layer {name!r}; expected the same architecture")
         rows.append(LayerRow(name, type(module).__name__, tuple(weight.shape), tuple(after[name].weight.shape),
                              macs_before.get(name, 0), macs_after.get(name, 0)))
-    latency = [measure_latency(m, tuple(input_shape), batch_size=batch_size, precision=precision,
-                               channels_last=precision == "bf16", repeats=repeats, warmup=warmup)
-               for m in (dense, compacted)] if repeats else [None, None]
+    latency = compare_latency(dense, compacted, tuple(input_shape), batch_size=batch_size, precision=precision,
+                              channels_last=precision == "bf16", rounds=rounds,
+                              repeats=max(1, repeats // rounds), warmup=warmup) if repeats else None
     report = CompactionReport(tuple(rows), sum(macs_before.values()), sum(macs_after.values()),
-                              count_params(dense), count_params(compacted), latency[0], latency[1], ())
+                              count_params(dense), count_params(compacted), latency, ())
     return replace(report, hints=tuple(_hints(report, after)))
 
 
@@ -117,6 +123,10 @@ def _hints(report: CompactionReport, modules: dict[str, nn.Module]) -> list[str]
     if len(hints) == 1 and short:
         hints.append(f"no layer-level cause found: at batch {report.latency_after.batch_size}, per-op costs that "
                      "MACs do not count (memory traffic, norms, activations, dispatch) dominate; try a larger batch")
+    if report.latency is not None and not report.latency.conclusive:
+        low, high = report.latency.spread
+        hints.insert(0, f"latency is inconclusive: the {len(report.latency.ratios)} interleaved rounds gave "
+                        f"{low:.2f}x to {high:.2f}x (a busy machine, or no real difference); measure again")
     return hints
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from prunekit.core.selection import round_kept, top_k_mask
 from prunekit.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,20 +67,25 @@ def parse_target(spec: str | Target) -> Target:
         raise UserError(f"target: percentages are not accepted in {spec!r}; write a fraction, "
                         f"e.g. {unit}=0.9 for 90%")
     try:
-        value = float(text)
+        value = float(text) if text.isascii() else None  # float() also reads '٠.٥'
     except ValueError:
-        raise UserError(f"target: expected a number after '{unit}=', got {text!r}") from None
+        value = None
+    if value is None:
+        raise UserError(f"target: expected a number (ASCII digits) after '{unit}=', got {text!r}")
     return Target(unit, value)
 
 
-def bisect_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: MacsOf) -> dict[str, torch.Tensor]:
+def bisect_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: MacsOf,
+                round_to: int | None = None) -> dict[str, torch.Tensor]:
     """Filter masks that remove at least ``fraction`` of the MACs, keeping as many filters as possible.
 
     Filters are ranked globally by score (ties: layer order, then index), except that each layer's
     best filter comes first so no layer is emptied; ``-inf`` scores are never kept. Bisection on the
     number kept from the top of that ranking (= on a global score threshold) finds the largest set
     whose ``macs_of`` fits the budget ``(1 − fraction) · dense MACs``: adding the next filter would
-    exceed it, so the result is within one filter's MACs of the target.
+    exceed it, so the result is within one filter's MACs of the target. With ``round_to``, each
+    layer's count from the global ranking is rounded to a multiple of it and that many of its best
+    filters are kept (counts only grow with the number ranked in, so the bisection still holds).
     """
     names = list(scores)
     flat = torch.cat([scores[n].detach().flatten().float() for n in names])
@@ -95,7 +101,10 @@ def bisect_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: Ma
     def masks(k: int) -> dict[str, torch.Tensor]:
         kept = torch.zeros_like(flat, dtype=torch.bool)
         kept[order[:k]] = True
-        return {n: piece.view(scores[n].shape) for n, piece in zip(names, kept.split(sizes))}
+        pieces = {n: piece.view(scores[n].shape) for n, piece in zip(names, kept.split(sizes))}
+        if round_to is None:
+            return pieces
+        return {n: top_k_mask(scores[n], round_kept(int(p.sum()), p.numel(), round_to)) for n, p in pieces.items()}
 
     dense = macs_of({n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
     budget = (1 - fraction) * dense

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any, Callable
 
 from prunekit.data.cifar import CIFAR10, CIFAR100, build_cifar, resolve_data_dir
 from prunekit.data.digits import build_digits
 from prunekit.data.imagefolder import build_imagefolder
-from prunekit.data.loader import (BatchLoader, DataBundle, LoaderOptions, TensorLoader, check_int,
+from prunekit.data.loader import (MAX_BATCH_SIZE, BatchLoader, DataBundle, LoaderOptions, TensorLoader, check_int,
                                   check_rank)
 from prunekit.distributed import current
 from prunekit.errors import UserError
@@ -30,6 +31,7 @@ DATASETS.register("digits")(build_digits)
 DATASETS.register("imagefolder")(build_imagefolder)
 
 _COMMON = {"opts", "data_dir", "download"}
+log = logging.getLogger(__name__)
 
 
 def build_data(
@@ -58,8 +60,8 @@ def build_data(
         rank = shard["rank"] if rank is None else rank
         world_size = shard["world_size"] if world_size is None else world_size
     builder = DATASETS.get(name)
-    check_int("batch_size", batch_size, 1)
-    check_int("test_batch_size", test_batch_size, 1)
+    check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+    check_int("test_batch_size", test_batch_size, 1, MAX_BATCH_SIZE)
     check_int("seed", seed, 0)
     if subset is not None:
         check_int("subset", subset, 1)
@@ -71,4 +73,8 @@ def build_data(
                         f"it accepts: {', '.join(sorted(accepted)) or 'none'}")
     opts = LoaderOptions(batch_size=batch_size, test_batch_size=test_batch_size, seed=seed,
                          augment=augment, subset=subset, rank=rank, world_size=world_size)
-    return builder(opts, data_dir, download, **options)
+    bundle = builder(opts, data_dir, download, **options)
+    if batch_size > bundle.train.num_samples:
+        log.warning("batch_size %d exceeds the %d training images of this rank: every epoch is one batch of %d",
+                    batch_size, bundle.train.num_samples, bundle.train.num_samples)
+    return bundle

@@ -18,6 +18,8 @@ from prunekit.data.augment import augment_batch, normalize
 from prunekit.errors import UserError
 
 _MASK64 = (1 << 64) - 1
+MAX_BATCH_SIZE = 65_536
+"""Largest batch a loader takes (per rank): beyond any real run, below a typo such as 10**9."""
 
 
 class BatchLoader(Protocol):
@@ -61,10 +63,11 @@ class LoaderOptions:
         return None if self.subset is None else max(1, self.subset // 5)
 
 
-def check_int(field: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise a UserError naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"{field} must be an integer >= {minimum}, got {value!r}")
+def check_int(field: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int in [``minimum``, ``maximum``], else raise a UserError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+        bound = f"in [{minimum}, {maximum:,}]" if maximum else f">= {minimum}"
+        raise UserError(f"{field} must be an integer {bound}, got {value!r}")
     return value
 
 
@@ -164,7 +167,7 @@ class TensorLoader:
             raise UserError("images must hold at least one image, got 0")
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise UserError(f"mean and std need {images.shape[1]} values (one per channel)")
-        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         self.seed = check_int("seed", seed, 0)
         self.pad = check_int("pad", pad, 0)
         check_rank(rank, world_size)

@@ -29,9 +29,10 @@ from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, field_va
 
 from prunekit.data import DATASETS
 from prunekit.data.cifar import CIFAR10, CIFAR100, resolve_data_dir
+from prunekit.device import resolve_device
 from prunekit.errors import UserError
 from prunekit.methods import METHODS, Method, plugins_for, validate_method
-from prunekit.schema import NonNegativeInt, PositiveInt, Section, TrainSpec, registered
+from prunekit.schema import BatchSize, NonNegativeInt, PositiveInt, Section, TrainSpec, registered
 from prunekit.models import MODELS, TV_PREFIX
 
 LOGGERS = ("tensorboard", "mlflow")
@@ -79,8 +80,8 @@ class ModelSection(Section):
 class DataSection(Section):
     name: Annotated[str, registered(DATASETS)]
     data_dir: str | None = None
-    batch_size: PositiveInt = 128
-    test_batch_size: PositiveInt = 512
+    batch_size: BatchSize = 128
+    test_batch_size: BatchSize = 512
     subset: PositiveInt | None = None
     augment: bool = True
     download: bool = False
@@ -279,10 +280,17 @@ def _export_problems(recipe: Recipe) -> None:
         raise ValueError(f"export.onnx: needs {', '.join(missing)}; pip install 'prunekit[onnx]'")
 
 
+def _device_problems(recipe: Recipe) -> None:
+    try:
+        resolve_device(recipe.device)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def preflight(recipe: Recipe) -> None:
     """Check what the recipe needs from the filesystem and the installation (data, checkpoint,
-    what its plug-ins need); :class:`RecipeError` lists every problem."""
-    checks = [lambda: _data_problems(recipe.data), lambda: _export_problems(recipe)]
+    device, what its plug-ins need); :class:`RecipeError` lists every problem."""
+    checks = [lambda: _data_problems(recipe.data), lambda: _export_problems(recipe), lambda: _device_problems(recipe)]
     if recipe.train is not None and recipe.train.checkpoint:
         checks.append(lambda: _checkpoint_problems(recipe))
     checks += [lambda plugin=plugin: plugin.check_recipe(recipe) for plugin in plugins_for(recipe)]

@@ -103,6 +103,7 @@ def run_recipe(recipe: Recipe, out: str | Path = "runs", *, store: str | Path | 
     ``launch``: TrainConfig fields set for every training of the run (``scale_lr``, ``sync_batchnorm``).
     """
     out = Path(out)
+    read_data(recipe)  # a damaged data file fails here, before a group or a store row exists
     store = ResultsStore(store if store is not None else out / STORE_NAME)
     ranks = current()
     group = None
@@ -121,6 +122,15 @@ def run_recipe(recipe: Recipe, out: str | Path = "runs", *, store: str | Path | 
     log.info("group %s: %d seed(s) in %s", group, len(recipe.seeds), group_dir)
     return [_start_and_run(recipe, group_dir, group, seed, store, hooks_for, events, launch)
             for seed in recipe.seeds]
+
+
+def read_data(recipe: Recipe) -> None:
+    """Load the recipe's data set once (decoded tensors are cached for the run's stages)."""
+    from prunekit.data import build_data
+
+    d = recipe.data
+    build_data(d.name, data_dir=d.data_dir, batch_size=d.batch_size, test_batch_size=d.test_batch_size,
+               subset=d.subset, download=d.download)
 
 
 def launch_record(launch: dict[str, Any] | None) -> dict[str, Any]:

@@ -217,9 +217,11 @@ def run_prune(method: Method, model: nn.Module, spec: ModelSpec, ctx: MethodCont
             model, manifest, masks, diff = compaction.model, compaction.manifest, None, compaction.max_abs_diff
         elif not masks.coupled:
             masks.couple_channels(model, ctx.example_input())
-    save_artifact(model, spec, out, masks=masks, manifest=manifest)
+    removed = _removed(masks, manifest)
     macs_after, params_after = count_macs(model, ctx.input_shape).total, count_params(model)
-    summary = {"method": method.method, **method.describe(), **_removed(masks, manifest),
+    achieved = _check_target(method, removed, 1 - macs_after / macs_before)
+    save_artifact(model, spec, out, masks=masks, manifest=manifest)
+    summary = {"method": method.method, **method.describe(), **removed, **achieved,
                "compacted": manifest is not None, "max_abs_diff": diff,
                "macs_before": macs_before, "macs_after": macs_after,
                "params_before": params_before, "params_after": params_after,
@@ -231,10 +233,36 @@ def run_prune(method: Method, model: nn.Module, spec: ModelSpec, ctx: MethodCont
     return summary
 
 
+TARGET_TOLERANCE = 0.01
+"""How far (absolute fraction) the achieved value may be from the target before a warning."""
+
+
+def _check_target(method: Method, removed: dict[str, Any], macs_removed: float) -> dict[str, Any]:
+    """The achieved value of the method's ``target``; an error when nothing was removed, a warning
+    when it is more than :data:`TARGET_TOLERANCE` away."""
+    from prunekit.core.targets import UNITS, parse_target
+
+    described = method.describe().get("target")
+    if not isinstance(described, str) or described.partition("=")[0] not in UNITS:
+        return {}  # no fraction target (e.g. a filter configuration)
+    target = parse_target(described)
+    value = macs_removed if target.unit == "macs" else removed.get("realised_sparsity")
+    if value is None:
+        return {}
+    round_to = getattr(method, "round_to", None)
+    if target.fraction > 0 and value <= 0:
+        hint = f" (round_to={round_to} keeps every unit of every layer)" if round_to else ""
+        raise UserError(f"prune.target: {target} removed nothing{hint}; nothing was written")
+    if abs(value - target.fraction) > TARGET_TOLERANCE:
+        log.warning("prune.target %s: achieved %s=%.4f, %+.4f from the target%s", target, target.unit, value,
+                    value - target.fraction, f" (round_to={round_to})" if round_to else "")
+    return {"target_achieved": value, "target_met": abs(value - target.fraction) <= TARGET_TOLERANCE}
+
+
 def _removed(masks: MaskSet | None, manifest: Manifest | None) -> dict[str, Any]:
     if manifest is not None:
-        kept = sum(len(k) for k in manifest.kept.values())
-        return {"realised_sparsity": 1 - kept / sum(manifest.channels.values()),
+        kept, channels = sum(len(k) for k in manifest.kept.values()), sum(manifest.channels.values())
+        return {"realised_sparsity": 1 - kept / channels if channels else 0.0,
                 "realised_covers": "filters of the pruned channel groups"}
     if masks is not None:
         return {"realised_sparsity": masks.realised_sparsity().total,

@@ -10,6 +10,9 @@ from prunekit.errors import UserError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALING = ("none", "linear")
+MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000
+"""Upper bounds of a training budget: far above any real run, low enough to catch a typo (10**12)."""
 
 
 @dataclass
@@ -64,9 +67,10 @@ class TrainConfig:
     sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        _require(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps",
-                 "an integer >= 1 or None", self.steps)
+        _require(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS, "epochs",
+                 f"an integer in [1, {MAX_EPOCHS:,}]", self.epochs)
+        _require(self.steps is None or (_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS), "steps",
+                 f"an integer in [1, {MAX_STEPS:,}] or None", self.steps)
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}", self.optimizer)
         _require(_is_number(self.lr) and self.lr > 0, "lr", "a number > 0", self.lr)
         _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)", self.momentum)
