@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,24 @@ def test_resume_under_torchrun_after_one_rank_was_killed_equals_the_uninterrupte
     for name, value in uninterrupted["state"].items():
         assert torch.equal(resumed["state"][name], value)
     assert resumed["history"] == uninterrupted["history"]
+
+
+def test_multi_node_arguments_two_agents_of_one_process_each_train_alike(runs, tmp_path):
+    """``--nnodes 2`` through a c10d rendezvous (both "nodes" on this machine) = the 2-process run."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV} | {"OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                                "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                "--rdzv-id=prunekit-test", str(WORKER), "--run-dir", tmp_path / "run", "--report",
+                                tmp_path / "r"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+              for node in (0, 1)]
+    for agent in agents:
+        assert agent.wait(timeout=600) == 0, agent.stderr.read()
+    two_nodes, one_node = report(tmp_path / "r", 1), report(runs / "r2", 0)
+    for name, value in one_node["state"].items():
+        assert torch.equal(two_nodes["state"][name], value)
 
 
 def test_only_rank_0_writes(runs):
