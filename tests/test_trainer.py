@@ -380,9 +380,12 @@ def test_frozen_parameters_thaw_when_the_run_dies():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(steps=0), "steps: expected an integer >= 1 or None, got 0"),
-    (dict(steps=2.5), "steps: expected an integer >= 1 or None, got 2.5"),
-    (dict(steps=True), "steps: expected an integer >= 1 or None, got True"),
+    (dict(steps=0), "steps: expected an integer in [1, 100,000,000] or None, got 0"),
+    (dict(steps=10**12), "steps: expected an integer in [1, 100,000,000] or None, got 1000000000000"),
+    (dict(epochs=10**12), "epochs: expected an integer in [1, 10,000], got 1000000000000"),
+    (dict(scale_lr="sqrt"), "scale_lr: expected one of none, linear, got 'sqrt'"),
+    (dict(steps=2.5), "steps: expected an integer in [1, 100,000,000] or None, got 2.5"),
+    (dict(steps=True), "steps: expected an integer in [1, 100,000,000] or None, got True"),
     (dict(trainable=[]), "trainable: expected a non-empty list of parameter-name patterns or None, got []"),
     (dict(trainable="6.*"), "trainable: expected a non-empty list of parameter-name patterns or None, got '6.*'"),
     (dict(eval_mode="yes"), "eval_mode: expected true or false, got 'yes'"),

@@ -138,6 +138,35 @@ def test_prunekit_run_of_a_recipe_under_torchrun(tmp_path, capsys):
     assert 0 <= result_two["final_test_acc"] <= 1
 
 
+TINY_RESNET = {"model": {"name": "resnet20"}, "data": {"name": "digits", "batch_size": 32, "subset": 256}}
+PATHS = {
+    "hyperspherical": {"train": {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "precision": "fp32"},
+                       "prune": {"method": "hyperspherical", "lam": 1.0, "sparsity": 0.5, "ratio": 0.5}},
+    "autobot": {"train": {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "precision": "fp32"},
+                "prune": {"method": "autobot", "target": "macs=0.5", "batches": 6, "batch_size": 16}, "compact": True,
+                "retrain": {"epochs": 1, "optimizer": "sgd", "lr": 0.01, "precision": "fp32"}},
+    "weight_rewind": {"train": {"epochs": 3, "optimizer": "sgd", "lr": 0.05, "precision": "fp32", "lr_plan": "step",
+                                "lr_plan_args": {"milestones": [2]}, "rewind_points": [2]},
+                      "prune": {"method": "filter_config", "config": "resnet20-B", "criterion": "l1"},
+                      "retrain": {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "precision": "fp32",
+                                  "lr_plan": "weight_rewind",
+                                  "lr_plan_args": {"original_epochs": 3, "original_milestones": [2]}}},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_training_path_runs_under_torchrun(tmp_path, path):
+    """The hyperspherical penalty, AutoBot's gates (+ fine-tune), weight rewinding: done, rank 1 wrote nothing."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"name": path, **TINY_RESNET, **PATHS[path]}))
+    done = launch(AUDITED_CLI, tmp_path / "runs", tmp_path / "report", "--", "run", recipe, "--out", tmp_path / "runs",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "report" / "writes1.json").read_text()) == []
+    (run,) = (tmp_path / "runs").glob(f"{path}-*/s0")
+    assert json.loads((run / "result.json").read_text())["status"] == "done"
+
+
 # ------------------------------------------------------------------ in-process checks (no launch)
 def loader(rank: int = 0, world_size: int = 1, batch_size: int = 4) -> TensorLoader:
     images = torch.zeros(16, 3, 4, 4, dtype=torch.uint8)
