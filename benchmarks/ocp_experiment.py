@@ -11,8 +11,12 @@ layer-wise L1 magnitude pruning of every conv (first conv included, classifier d
 §3.3), masks updated before each step when the schedule's target changes and enforced after each
 step. Arms: one-shot at 40 % of the budget, iterative (3 steps) from 20 %, AGP from 20 % to the
 end, One-Cycle (alpha 14, beta 5) over the whole run, and the dense reference. Each arm is its
-own resumable run under runs/ocp/ (a killed experiment continues where it stopped). Writes
-benchmarks/results/ocp/summary-*.json, table-*.md and curves-*.png.
+own resumable run under runs/ocp/ (a killed experiment continues where it stopped; an arm's
+result file is written only when its run finished, and finished arms are not started again).
+The summary (summary-*.json, table-*.md, curves-*.png in benchmarks/results/ocp/) covers only
+seeds on which every requested arm finished, with mean ± std per arm and the paper's paired
+comparisons per seed (OCP > AGP, AGP > One-Shot, One-Shot > Iterative); ``--summary-only``
+writes it from what is finished and names what is missing.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ PRUNED_ARMS = ("one_shot", "iterative", "agp", "one_cycle")
 RECIPES = Path("recipes/ocp")
 RESULTS = Path("benchmarks/results/ocp")
 COLOURS = {"dense": "black", "one_shot": "C0", "iterative": "C1", "agp": "C2", "one_cycle": "C3"}
+CLAIMS = (("one_cycle", "agp"), ("agp", "one_shot"), ("one_shot", "iterative"))
+"""The paper's orderings (METHODS §3.6): the first arm of each pair ahead of the second."""
 
 
 def arm_recipe(arm: str, args: argparse.Namespace) -> Recipe:
@@ -77,14 +83,15 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     return {"arm": arm, "seed": seed, "final_test_acc": result.final_test_acc,
             "best_test_acc_optimistic": result.best_test_acc, "wall_time_s": result.wall_time_s,
             "conv_sparsity": realised, "curve": [m.test_acc for m in result.history],
-            "sparsity_curve": [m.extra.get("sparsity_target", 0.0) for m in result.history]}
+            "sparsity_curve": [m.extra.get("sparsity_target", 0.0) for m in result.history],
+            "machine": machine_info()}
 
 
 def launch_all(args: argparse.Namespace) -> list[dict]:
     """Run every (arm, seed) as its own process, ``--parallel`` at a time, one torch thread each."""
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
-    pending, running = list(jobs), []
+    pending, running = [job for job in jobs if not arm_file(*job, args).is_file()], []
     while pending or running:
         while pending and len(running) < args.parallel:
             arm, seed = pending.pop(0)
@@ -94,7 +101,13 @@ def launch_all(args: argparse.Namespace) -> list[dict]:
         if running[0].returncode != 0:
             raise SystemExit(f"arm failed: {' '.join(running[0].args)}")
         running.pop(0)
-    return [json.loads(arm_file(arm, seed, args).read_text()) for arm, seed in jobs]
+    return finished(args)
+
+
+def finished(args: argparse.Namespace) -> list[dict]:
+    """The result rows of the requested (arm, seed) pairs whose runs finished."""
+    return [json.loads(arm_file(arm, seed, args).read_text()) for seed in args.seeds for arm in args.arms
+            if arm_file(arm, seed, args).is_file()]
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
@@ -107,7 +120,31 @@ def arm_file(arm: str, seed: int, args: argparse.Namespace) -> Path:
     return RESULTS / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}.json"
 
 
+def complete_seeds(rows: list[dict], arms: list[str]) -> list[int]:
+    """Seeds on which every arm in ``arms`` finished (only those are compared)."""
+    done = {(r["arm"], r["seed"]) for r in rows}
+    return sorted({r["seed"] for r in rows if all((arm, r["seed"]) in done for arm in arms)})
+
+
+def paired(rows: list[dict], seeds: list[int]) -> list[dict]:
+    """Per claim: the per-seed differences (first arm minus second) and whether it held on every seed."""
+    acc = {(r["arm"], r["seed"]): r["final_test_acc"] for r in rows}
+    out = []
+    for first, second in CLAIMS:
+        if all((arm, s) in acc for arm in (first, second) for s in seeds) and seeds:
+            diffs = [acc[first, s] - acc[second, s] for s in seeds]
+            out.append({"claim": f"{first} > {second}", "differences": dict(zip(seeds, diffs)),
+                        "mean": statistics.mean(diffs), "held_on_every_seed": all(d > 0 for d in diffs)})
+    return out
+
+
 def summarise(rows: list[dict], args: argparse.Namespace) -> None:
+    seeds = complete_seeds(rows, args.arms)
+    missing = [f"{arm} seed {seed}" for seed in args.seeds for arm in args.arms
+               if not any(r["arm"] == arm and r["seed"] == seed for r in rows)]
+    if not seeds:
+        raise SystemExit(f"no seed has every arm finished yet; missing: {', '.join(missing)}")
+    rows = [r for r in rows if r["seed"] in seeds]
     by_arm: dict[str, list[dict]] = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
@@ -123,9 +160,18 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> None:
         s = summary[arm]
         lines.append(f"| {arm} | {100 * s['mean']:.2f} ± {100 * std:.2f} % | {len(accs)} | "
                      f"{100 * s['conv_sparsity']:.2f} % | {s['wall_time_s'] / 60:.0f} min |")
+    claims = paired(rows, seeds)
+    lines += ["", f"Paired per-seed differences (seeds {', '.join(map(str, seeds))}), in points:", ""]
+    for claim in claims:
+        per_seed = ", ".join(f"{100 * d:+.2f}" for d in claim["differences"].values())
+        verdict = "held on every seed" if claim["held_on_every_seed"] else "did not hold on every seed"
+        lines.append(f"- {claim['claim']}: {per_seed} (mean {100 * claim['mean']:+.2f}): {verdict}")
+    if missing:
+        lines += ["", f"Not finished (left out of this summary): {', '.join(missing)}."]
     write_json(RESULTS / f"summary-s{args.sparsity:g}-e{args.epochs}.json",
-               {"epochs": args.epochs, "sparsity": args.sparsity, "arms": summary, "runs": rows,
-                "machine": machine_info()})
+               {"epochs": args.epochs, "sparsity": args.sparsity, "seeds": seeds, "arms": summary, "claims": claims,
+                "missing": missing, "runs": rows, "summarised_on": machine_info(),
+                "trained_on": [r.get("machine", "not recorded (before this field)") for r in rows]})
     with atomic_path(RESULTS / f"table-s{args.sparsity:g}-e{args.epochs}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     plot(rows, args)
@@ -169,11 +215,12 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="arms trained at once (one process each)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed-one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--summary-only", action="store_true", help="summarise the finished arms; train nothing")
     args = parser.parse_args()
     if args.one is not None:
         write_json(arm_file(args.one, args.seed_one, args), run_arm(args.one, args.seed_one, args))
         return
-    summarise(launch_all(args), args)
+    summarise(finished(args) if args.summary_only else launch_all(args), args)
 
 
 if __name__ == "__main__":
