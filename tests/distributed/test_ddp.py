@@ -105,6 +105,22 @@ def test_only_rank_0_writes(runs):
     assert listing(runs / "ddp") == listing(runs / "single")
 
 
+def test_compaction_in_the_middle_of_ddp_training_rebuilds_the_wrapper_and_optimizer(tmp_path):
+    """Filters removed after epoch 1 of 3: both ranks keep training alike, as one process does."""
+    one = launch(WORKER, "--run-dir", tmp_path / "one", "--report", tmp_path / "r1", "--batch", 16, "--compact-after", 1,
+                 nproc=None)
+    assert one.returncode == 0, one.stderr
+    two = launch(WORKER, "--run-dir", tmp_path / "two", "--report", tmp_path / "r2", "--compact-after", 1)
+    assert two.returncode == 0, two.stderr
+    single, rank0, rank1 = report(tmp_path / "r1", 0), report(tmp_path / "r2", 0), report(tmp_path / "r2", 1)
+    assert single["widths"] == rank0["widths"] == rank1["widths"] == [4, 8]
+    assert rank0["state"]["0.weight"].shape == (4, 3, 3, 3)
+    for name, value in single["state"].items():
+        assert torch.equal(rank0["state"][name], rank1["state"][name])
+        torch.testing.assert_close(rank0["state"][name], value, rtol=1e-5, atol=1e-6)
+    assert rank0["history"][-1] != rank0["history"][0]  # it trained after the compaction
+
+
 def test_ranks_that_disagree_on_the_masks_stop_the_run(tmp_path):
     done = launch(WORKER, "--run-dir", tmp_path / "run", "--report", tmp_path / "r", "--disagree")
     assert done.returncode != 0
