@@ -82,6 +82,8 @@ def test_resume_uses_the_recorded_settings_and_extend_is_recorded(capsys, tmp_pa
     assert record["epochs"] == epochs + 1 and record["extended_from"] == epochs and record["lr"] == 0.05
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in history] == list(range(1, epochs + 2))
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--lr", "0.2")  # the default, but not this run's
+    assert code == 2 and "--lr: 0.2 contradicts the run's recorded 0.05" in err
 
 
 def test_macs_json_matches_the_reference_counts(capsys):

@@ -61,7 +61,7 @@ def two_layer_net():
     return net
 
 
-def test_compared_latency_alternates_rounds_and_finds_the_cheaper_model():
+def test_compared_latency_times_both_in_rounds_and_finds_the_cheaper_model():
     heavy = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2048), nn.ReLU(), nn.Linear(2048, 2048))
     light = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8))
     heavy.train()

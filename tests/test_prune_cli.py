@@ -67,6 +67,17 @@ def test_prune_no_compact_then_compact_gives_the_same_function(capsys, tmp_path,
     assert count_macs(compacted, (1, 8, 8)).total < 0.3 * count_macs(masked, (1, 8, 8)).total
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_uncompacted_targets_are_checked_on_the_masks_not_the_dense_shapes(capsys, caplog, tmp_path, trained, scope):
+    for target in ("macs=0.5", "filters=0.5"):
+        code, _, err = run_cli(capsys, "prune", trained, "--target", target, "--scope", scope, "--no-compact",
+                               "--out", tmp_path / target)
+        assert code == 0, err
+    assert "prune.target" not in caplog.text  # filters=0.5 is met on the filters, whatever the weights
+    summary = json.loads((tmp_path / "filters=0.5" / "prune.json").read_text())
+    assert summary["target_achieved"] == pytest.approx(0.5) and summary["target_met"] is True
+
+
 def test_unstructured_target_is_exact_and_leaves_shapes(capsys, tmp_path, trained):
     assert run_cli(capsys, "prune", trained, "--target", "weights=0.9", "--granularity", "weight",
                    "--out", tmp_path)[0] == 0

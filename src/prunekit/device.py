@@ -25,7 +25,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("device: cuda was requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is None and os.environ.get("LOCAL_RANK", "").isdigit():
+    if device.type == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        world = os.environ.get("WORLD_SIZE", "1")
+        if device.index is not None and world.isdigit() and int(world) > 1:
+            raise UserError(f"device: {device} under torchrun would put every process on one GPU; give cuda "
+                            "(each process takes the GPU of its LOCAL_RANK)")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 

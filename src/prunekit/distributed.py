@@ -122,7 +122,8 @@ def current() -> DistContext:
 
 
 def init_from_env(device: torch.device | None = None) -> DistContext:
-    """Join the process group a torchrun launch describes (gloo, or NCCL for CUDA ``device``).
+    """Join the process group a torchrun launch describes: gloo for CPU tensors, and NCCL for CUDA
+    tensors where CUDA is present (so CPU training on a GPU host works too).
 
     A plain launch (WORLD_SIZE unset or 1) gives :data:`SINGLE`; an inconsistent one (WORLD_SIZE
     > 1 with RANK, LOCAL_RANK, MASTER_ADDR or MASTER_PORT missing or out of range) is a
@@ -141,10 +142,9 @@ def init_from_env(device: torch.device | None = None) -> DistContext:
                         f"WORLD_SIZE={size}")
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    cuda = device is not None and device.type == "cuda"
-    if cuda:
+    if device is not None and device.type == "cuda":
         torch.cuda.set_device(resolve_device(device))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return current()
 
 

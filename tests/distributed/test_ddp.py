@@ -16,7 +16,7 @@ from torch import nn
 from cli_runner import run_cli
 import yaml
 from prunekit.data.loader import TensorLoader
-from prunekit.distributed import DistContext, RankMismatch, current, init_from_env
+from prunekit.distributed import DistContext, current, init_from_env
 from prunekit.errors import UserError
 from prunekit.train import TrainConfig, Trainer
 from prunekit.train.parallel import from_sync_batchnorm, to_sync_batchnorm
@@ -237,6 +237,20 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
         Trainer(tiny(), loader(), None, config, run_dir=tmp_path, device="cpu").fit(resume=True)
 
 
+def test_run_resume_keeps_the_recorded_launch_options_and_refuses_others(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "model": {"name": "small_cnn"},
+                                    "data": {"name": "digits", "batch_size": 64, "subset": 128},
+                                    "train": {"epochs": 1, "optimizer": "adamw", "lr": 3.0e-3, "precision": "fp32"}}))
+    code, _, err = run_cli(capsys, "run", path, "--out", tmp_path / "runs", "--scale-lr", "linear")
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").glob("tiny-*/s0")
+    assert json.loads((run / "run.json").read_text())["launch"]["scale_lr"] == "linear"
+    assert run_cli(capsys, "run", "--resume", run)[0] == 0  # no flag: the recorded linear
+    code, _, err = run_cli(capsys, "run", "--resume", run, "--scale-lr", "none")
+    assert code == 2 and "was started with scale_lr linear, sync_batchnorm False, world_size 1" in err
+
+
 def test_sync_batchnorm_on_a_cpu_is_refused_and_its_swap_shares_the_trained_tensors():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
     with pytest.raises(UserError, match="SyncBatchNorm runs on CUDA only"):
@@ -249,8 +263,14 @@ def test_sync_batchnorm_on_a_cpu_is_refused_and_its_swap_shares_the_trained_tens
     from_sync_batchnorm(model, originals)
     assert type(model[1]) is nn.BatchNorm2d and type(model[2][0]) is nn.BatchNorm2d
     assert all(model.state_dict(keep_vars=True)[n] is t for n, t in before.items())
+    to_sync_batchnorm(model, torch.device("cuda"))
+    sync = model[1]  # as a compaction would leave it: 2 of 4 channels
+    sync.weight, sync.bias = nn.Parameter(sync.weight[:2].detach()), nn.Parameter(sync.bias[:2].detach())
+    sync.running_mean, sync.running_var = sync.running_mean[:2], sync.running_var[:2]
+    from_sync_batchnorm(model, originals)
+    assert type(model[1]) is nn.BatchNorm2d and model[1].num_features == 2 and model[1].weight is sync.weight
 
 
 def test_check_identical_is_a_no_op_in_one_process():
-    current().check_identical("masks", torch.tensor([1.0]))
-    assert issubclass(RankMismatch, RuntimeError)
+    current().check_identical("masks", torch.tensor([1.0]))  # no process group: nothing to compare, no error
+    current().check_same("kept channels", [("a", (1, 2))])

@@ -32,16 +32,17 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of a torchrun launch (``torchrun --nproc-per-node N -m prunekit ...``)."""
     group = parser.add_argument_group("torchrun (several processes)")
-    group.add_argument("--scale-lr", choices=LR_SCALING, default="none",
+    group.add_argument("--scale-lr", choices=LR_SCALING, default=None,
                        help="batches are per rank, so the global batch grows with the world size; "
-                            "linear multiplies the LR by it (default none)")
-    group.add_argument("--sync-batchnorm", action="store_true",
+                            "linear multiplies the LR by it (default none; a resume keeps the run's)")
+    group.add_argument("--sync-batchnorm", action="store_true", default=None,
                        help="BatchNorm statistics over the global batch (CUDA only)")
 
 
 def launch_options(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields a launch sets: ``scale_lr``, ``sync_batchnorm``."""
-    return {"scale_lr": args.scale_lr, "sync_batchnorm": args.sync_batchnorm}
+    """The TrainConfig fields a launch sets and the user gave: ``scale_lr``, ``sync_batchnorm``."""
+    given = {"scale_lr": args.scale_lr, "sync_batchnorm": args.sync_batchnorm}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def launch_line(batch_size: int, launch: dict) -> str | None:
@@ -50,7 +51,8 @@ def launch_line(batch_size: int, launch: dict) -> str | None:
     if not ranks.distributed:
         return None
     return (f"torchrun: {ranks.world_size} processes, batch {batch_size} per rank = {batch_size * ranks.world_size} "
-            f"global, LR scaling {launch['scale_lr']}{', SyncBatchNorm' if launch['sync_batchnorm'] else ''}")
+            f"global, LR scaling {launch.get('scale_lr', 'none')}"
+            f"{', SyncBatchNorm' if launch.get('sync_batchnorm') else ''}")
 
 
 def console() -> Console:

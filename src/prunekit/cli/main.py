@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from prunekit.device import resolve_device
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # torchrun stops the other ranks with SIGTERM
     try:
         init_from_env(resolve_device(getattr(args, "device", "auto")))
         return args.run(args) or 0
@@ -47,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("interrupted\n")
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as a KeyboardInterrupt: a run records itself as interrupted (resumable) before exiting."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

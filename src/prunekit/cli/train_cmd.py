@@ -54,7 +54,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="continue the run in --out from its last checkpoint, with its recorded settings")
     parser.add_argument("--extend", action="store_true",
                         help="with --resume: train to a larger --epochs (the LR plan is rebuilt for the new total)")
-    parser.set_defaults(run=run, flag_defaults={key: parser.get_default(key) for key in RECORDED})
+    defaults = {key: parser.get_default(key) for key in RECORDED} | {"scale_lr": "none", "sync_batchnorm": False}
+    parser.set_defaults(run=run, flag_defaults=defaults, **dict.fromkeys(RECORDED, UNSET))
+
+
+UNSET = argparse.Namespace()
+"""The value of a recorded flag the user did not give (so that giving its default is seen too)."""
 
 
 RECORDED = ("model", "data", "batch_size", "subset", "epochs", "optimizer", "lr", "lr_plan", "weight_decay",
@@ -66,12 +71,12 @@ CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 
 def settings(args: argparse.Namespace, recorded: dict | None) -> dict:
     """The run's settings: the flags, or on resume the record, checked against the flags given."""
-    flags = {key: getattr(args, key) for key in RECORDED}
+    given = {key: getattr(args, key) for key in RECORDED if getattr(args, key) is not UNSET}
+    flags = {key: given.get(key, args.flag_defaults[key]) for key in RECORDED}
     if recorded is None:
         if flags["model"] is None:
             raise UserError("--model: required (a registered model name, or tv:<torchvision name>)")
         return flags
-    given = {key: value for key, value in flags.items() if value != args.flag_defaults[key]}
     out = {key: recorded.get(key, flags[key]) for key in RECORDED}
     for key, value in given.items():
         if value == out[key]:
@@ -106,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--extend: only with --resume (it lengthens a recorded run)")
     if args.resume and args.out is None:
         raise UserError("--resume: give the run directory with --out")
-    if args.out is None and args.model is None:
+    flags = {key: args.flag_defaults[key] if getattr(args, key) is UNSET else getattr(args, key) for key in RECORDED}
+    if args.out is None and flags["model"] is None:
         raise UserError("--model: required (a registered model name, or tv:<torchvision name>)")
-    out = args.out or Path("runs") / f"{args.model.replace(':', '_')}-{args.data}-s{args.seed}"
+    out = args.out or Path("runs") / f"{flags['model'].replace(':', '_')}-{flags['data']}-s{flags['seed']}"
     has_checkpoint = (out / CHECKPOINT_NAME).exists()
     if has_checkpoint and not args.resume:
         raise UserError(f"--out: {str(out)!r} already holds a run; pass --resume to continue it or choose another --out")

@@ -111,7 +111,8 @@ def bisect_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: Ma
     low, high = len(best), len(order)
     floor = macs_of(masks(low))
     if floor > budget:
-        raise UserError(f"target: macs={fraction:g} is out of reach: keeping one filter per pruned layer "
+        fewest = f"{round_to} filters (round_to)" if round_to else "one filter"
+        raise UserError(f"target: macs={fraction:g} is out of reach: keeping {fewest} per pruned layer "
                         f"already costs {floor:,} of {dense:,} MACs")
     while low < high:
         mid = (low + high + 1) // 2
@@ -119,9 +120,10 @@ def bisect_macs(scores: Mapping[str, torch.Tensor], fraction: float, macs_of: Ma
             low = mid
         else:
             high = mid - 1
-    log.info("macs target %g: kept %d of %d filters, budget %d of %d MACs", fraction, low, flat.numel(),
-             int(budget), dense)
-    return masks(low)
+    chosen = masks(low)
+    log.info("macs target %g: kept %d of %d filters, budget %d of %d MACs", fraction,
+             sum(int(m.sum()) for m in chosen.values()), flat.numel(), int(budget), dense)
+    return chosen
 
 
 def table_macs(model: nn.Module, example_input: torch.Tensor,

@@ -73,7 +73,12 @@ def build_data(
                         f"it accepts: {', '.join(sorted(accepted)) or 'none'}")
     opts = LoaderOptions(batch_size=batch_size, test_batch_size=test_batch_size, seed=seed,
                          augment=augment, subset=subset, rank=rank, world_size=world_size)
+    ranks = current()
+    if download and ranks.distributed and not ranks.is_main:
+        ranks.barrier()  # rank 0 downloads first; the others read what it wrote
     bundle = builder(opts, data_dir, download, **options)
+    if download and ranks.distributed and ranks.is_main:
+        ranks.barrier()
     if batch_size > bundle.train.num_samples:
         log.warning("batch_size %d exceeds the %d training images of this rank: every epoch is one batch of %d",
                     batch_size, bundle.train.num_samples, bundle.train.num_samples)

@@ -100,7 +100,8 @@ def run_recipe(recipe: Recipe, out: str | Path = "runs", *, store: str | Path | 
                source: str = "recipe", launch: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run every seed of ``recipe`` under a new group in ``out``; the result rows, in seed order.
 
-    ``launch``: TrainConfig fields set for every training of the run (``scale_lr``, ``sync_batchnorm``).
+    ``launch``: TrainConfig fields set for every training of the run (``scale_lr``, ``sync_batchnorm``;
+    unset ones take their defaults, and on resume the values the run was started with).
     """
     out = Path(out)
     read_data(recipe)  # a damaged data file fails here, before a group or a store row exists
@@ -161,9 +162,10 @@ def run_one(run_dir: Path, *, hooks_for: HooksFor | None = None, events: Events 
     if info is None:
         raise UserError(f"--resume: {str(run_dir)!r} has no {RUN_FILE}; expected a run directory")
     recorded = info.get("launch", launch_record(None) | {"world_size": 1})
-    if recorded != launch_record(launch):
+    wanted = {**recorded, **(launch or {}), "world_size": current().world_size}  # unset options: as recorded
+    if wanted != recorded:
         raise UserError(f"--resume: {str(run_dir)!r} was started with {_launch_text(recorded)}, this launch has "
-                        f"{_launch_text(launch_record(launch))}; resume it the way it was started")
+                        f"{_launch_text(wanted)}; resume it the way it was started")
     recipe = load_recipe(run_dir / RECIPE_FILE)
     if recipe.digest() != info["recipe_hash"]:
         raise UserError(f"--resume: {str(run_dir / RECIPE_FILE)!r} no longer describes this run (its digest "

@@ -285,9 +285,10 @@ def _evaluate(ctx: StageContext, source: Path | None, out: Path) -> dict[str, An
                                   f"{total:,} weights, first conv included)",
                "macs": count_macs(model, ctx.input_shape).total, "dense_macs": count_macs(dense, ctx.input_shape).total,
                "params": count_params(model), "dense_params": count_params(dense)}
-    if settings.latency:
-        lat = measure_latency(model, ctx.input_shape, batch_size=settings.latency_batch_size, precision="fp32",
-                              channels_last=False, device=torch.device("cpu"))
+    if settings.latency:  # rank 0 alone: the ranks would share the CPU it times
+        lat = ctx.ranks.broadcast(measure_latency(model, ctx.input_shape, batch_size=settings.latency_batch_size,
+                                                  precision="fp32", channels_last=False, device=torch.device("cpu"))
+                                  if ctx.ranks.is_main else None)
         summary["latency_ms"] = lat.median_ms
         summary["latency_batch_size"] = settings.latency_batch_size
     return summary
@@ -296,9 +297,11 @@ def _evaluate(ctx: StageContext, source: Path | None, out: Path) -> dict[str, An
 def _export(ctx: StageContext, source: Path | None, out: Path) -> dict[str, Any]:
     from prunekit.export import export_onnx
 
+    if not ctx.ranks.is_main:  # rank 0 writes the file; the others take its summary
+        return ctx.ranks.broadcast(None)
     model, _ = load_artifact(ctx.run_dir / STAGE_DIRS["compact"])
     path = export_onnx(model, ctx.example_input(), out / "model.onnx")
-    return {"onnx": path.name, "bytes": path.stat().st_size}
+    return ctx.ranks.broadcast({"onnx": path.name, "bytes": path.stat().st_size})
 
 
 STAGE_FUNCTIONS = {"train": _train, "prune": _prune, "retrain": _retrain, "compact": _compact,

@@ -210,6 +210,7 @@ def run_prune(method: Method, model: nn.Module, spec: ModelSpec, ctx: MethodCont
         ranks.check_identical("masks", masks.checksum())
     if manifest is not None:
         ranks.check_same("kept channels", sorted(manifest.kept.items()))
+    units_removed = _units_removed(masks)
     diff = None
     if masks is not None and masks.structured:
         if compact:
@@ -219,7 +220,7 @@ def run_prune(method: Method, model: nn.Module, spec: ModelSpec, ctx: MethodCont
             masks.couple_channels(model, ctx.example_input())
     removed = _removed(masks, manifest)
     macs_after, params_after = count_macs(model, ctx.input_shape).total, count_params(model)
-    achieved = _check_target(method, removed, 1 - macs_after / macs_before)
+    achieved = _check_target(method, units_removed, 1 - macs_after / macs_before if manifest is not None else None)
     save_artifact(model, spec, out, masks=masks, manifest=manifest)
     summary = {"method": method.method, **method.describe(), **removed, **achieved,
                "compacted": manifest is not None, "max_abs_diff": diff,
@@ -237,16 +238,26 @@ TARGET_TOLERANCE = 0.01
 """How far (absolute fraction) the achieved value may be from the target before a warning."""
 
 
-def _check_target(method: Method, removed: dict[str, Any], macs_removed: float) -> dict[str, Any]:
-    """The achieved value of the method's ``target``; an error when nothing was removed, a warning
-    when it is more than :data:`TARGET_TOLERANCE` away."""
+def _units_removed(masks: MaskSet | None) -> float | None:
+    """The fraction of the masks' units (weights, filters, ...) that are pruned."""
+    if masks is None:
+        return None
+    units = masks.unit_masks().values()
+    total = sum(u.numel() for u in units)
+    return 1 - sum(int(u.sum()) for u in units) / total if total else None
+
+
+def _check_target(method: Method, units_removed: float | None, macs_removed: float | None) -> dict[str, Any]:
+    """The achieved value of the method's ``target`` (MACs: counted on the compacted model, so
+    only when compacted); an error when nothing was removed, a warning when it is more than
+    :data:`TARGET_TOLERANCE` away."""
     from prunekit.core.targets import UNITS, parse_target
 
     described = method.describe().get("target")
     if not isinstance(described, str) or described.partition("=")[0] not in UNITS:
         return {}  # no fraction target (e.g. a filter configuration)
     target = parse_target(described)
-    value = macs_removed if target.unit == "macs" else removed.get("realised_sparsity")
+    value = macs_removed if target.unit == "macs" else units_removed
     if value is None:
         return {}
     round_to = getattr(method, "round_to", None)

@@ -32,12 +32,12 @@ def wrap(model: nn.Module, dist: DistContext, device: torch.device) -> nn.Module
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def to_sync_batchnorm(model: nn.Module, device: torch.device) -> dict[str, nn.Module]:
+def to_sync_batchnorm(model: nn.Module, device: torch.device) -> dict[str, type[nn.Module]]:
     """Swap every BatchNorm of ``model`` for a SyncBatchNorm sharing its parameters and buffers;
-    the original modules by name, for :func:`from_sync_batchnorm`."""
+    the original classes by module name, for :func:`from_sync_batchnorm`."""
     if device.type != "cuda":
         raise UserError("sync_batchnorm: PyTorch's SyncBatchNorm runs on CUDA only; on a CPU leave it off")
-    originals: dict[str, nn.Module] = {}
+    originals: dict[str, type[nn.Module]] = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
@@ -50,14 +50,20 @@ def to_sync_batchnorm(model: nn.Module, device: torch.device) -> dict[str, nn.Mo
                     sync.num_batches_tracked = child.num_batches_tracked
                 sync.train(child.training)
                 setattr(module, child_name, sync)
-                originals[f"{name}.{child_name}" if name else child_name] = child
+                originals[f"{name}.{child_name}" if name else child_name] = type(child)
     return originals
 
 
-def from_sync_batchnorm(model: nn.Module, originals: dict[str, nn.Module]) -> None:
-    """Put the original BatchNorm modules back (they share the trained parameters and statistics)."""
-    for qualified, original in originals.items():
+def from_sync_batchnorm(model: nn.Module, originals: dict[str, type[nn.Module]]) -> None:
+    """Turn the SyncBatchNorm modules back into their original classes, sharing the current
+    (trained, possibly compacted) parameters and statistics."""
+    for qualified, kind in originals.items():
         parent_name, _, child_name = qualified.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        original.train(getattr(parent, child_name).training)
-        setattr(parent, child_name, original)
+        sync = getattr(parent, child_name)
+        width = sync.weight.shape[0] if sync.affine else sync.running_mean.shape[0]  # compaction may have cut it
+        plain = kind(width, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
+        for tensor_name, tensor in [*sync.named_parameters(recurse=False), *sync.named_buffers(recurse=False)]:
+            setattr(plain, tensor_name, tensor)
+        plain.train(sync.training)
+        setattr(parent, child_name, plain)
