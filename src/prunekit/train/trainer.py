@@ -114,8 +114,6 @@ class Trainer:
         self.dist = dist if dist is not None else current()
         for loader in (train, test):
             check_sharded(loader, self.dist)
-        if config.sync_batchnorm and self.dist.distributed and self.device.type != "cuda":
-            raise UserError("sync_batchnorm: PyTorch's SyncBatchNorm runs on CUDA only; on a CPU leave it off")
         self.lr_scale = self.dist.world_size if config.scale_lr == "linear" else 1
         self.ddp: nn.Module | None = None  # the DDP wrapper while fit runs under torchrun
         self.steps_per_epoch = len(train)
@@ -171,7 +169,7 @@ class Trainer:
                 param.requires_grad_(True)
         return self._result()
 
-    def _begin_parallel(self) -> dict[str, nn.Module]:
+    def _begin_parallel(self) -> dict[str, type[nn.Module]]:
         """Under torchrun: log the launch, swap in SyncBatchNorm if asked, wrap the model in DDP."""
         if not self.dist.distributed:
             return {}
