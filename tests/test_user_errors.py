@@ -163,6 +163,17 @@ CASES = [
     # defect 12: checks that must happen before a run directory or a store row exists
     Case("recipe-truncated-data", ("run", str(DEMO_RECIPE), "--out", "runs", "--set", "data.data_dir=damaged"),
          BATCHES + "data_batch_3", damaged("data_batch_3", "truncated")),
+    # defects 1, 5, 7, 12, 16 (fixed earlier; here so that the table holds every case)
+    Case("target-removes-nothing-recipe", ("run", str(DEMO_RECIPE), "--out", "runs", "--set", "prune.target=filters=0"),
+         "prune.target: filters=0 removes nothing; expected a fraction removed in (0, 1)"),
+    Case("target-removes-everything", ("run", str(DEMO_RECIPE), "--out", "runs", "--set", "prune.target=macs=1.0"),
+         "prune.target: macs=1 would remove all macs"),
+    Case("seeds-huge", ("run", str(DEMO_RECIPE), "--out", "runs", "--seeds", "1000000000000"),
+         "seeds: expected a number of seeds in [1, 1000]"),
+    Case("eval-other-data", ("eval", "model", "--data", "digits"),
+         "--data: the model takes 3x32x32 inputs with 10 classes (cifar10); digits has 1x8x8", cifar_model),
+    Case("target-non-ascii", ("prune", "model", "--target", "weights=٠.٥", "--out", "pruned"),
+         "--target: expected a number (ASCII digits) after 'weights='", cifar_model),
     # defect 13: a target that cannot be met
     Case("target-removes-nothing", ("prune", "model", "--target", "filters=0.5", "--round-to", "100000", "--out",
                                     "pruned"),
