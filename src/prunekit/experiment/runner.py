@@ -34,7 +34,8 @@ from prunekit.distributed import current
 from prunekit.errors import UserError
 from prunekit.experiment.loggers import build_loggers, flatten
 from prunekit.experiment.recipe import Recipe, load_recipe
-from prunekit.experiment.stages import Events, HooksFor, StageContext, read_json, result_row, run_stages
+from prunekit.experiment.stages import (Events, HooksFor, StageContext, read_json, recipe_data, result_row,
+                                       run_stages)
 from prunekit.experiment.store import ResultsStore, now
 from prunekit.io import atomic_open, make_dirs, unwritable, write_json
 
@@ -104,7 +105,7 @@ def run_recipe(recipe: Recipe, out: str | Path = "runs", *, store: str | Path | 
     unset ones take their defaults, and on resume the values the run was started with).
     """
     out = Path(out)
-    read_data(recipe)  # a damaged data file fails here, before a group or a store row exists
+    recipe_data(recipe)  # a damaged data file fails here, before a group or a store row exists (decoded once: cached)
     store = ResultsStore(store if store is not None else out / STORE_NAME)
     ranks = current()
     group = None
@@ -123,15 +124,6 @@ def run_recipe(recipe: Recipe, out: str | Path = "runs", *, store: str | Path | 
     log.info("group %s: %d seed(s) in %s", group, len(recipe.seeds), group_dir)
     return [_start_and_run(recipe, group_dir, group, seed, store, hooks_for, events, launch)
             for seed in recipe.seeds]
-
-
-def read_data(recipe: Recipe) -> None:
-    """Load the recipe's data set once (decoded tensors are cached for the run's stages)."""
-    from prunekit.data import build_data
-
-    d = recipe.data
-    build_data(d.name, data_dir=d.data_dir, batch_size=d.batch_size, test_batch_size=d.test_batch_size,
-               subset=d.subset, download=d.download)
 
 
 def launch_record(launch: dict[str, Any] | None) -> dict[str, Any]:

@@ -94,10 +94,7 @@ class StageContext:
 
     def build_data(self, **changes: Any) -> DataBundle:
         """The recipe's data set; ``changes`` override loader settings (``batch_size=64``)."""
-        d = self.recipe.data
-        settings = {"data_dir": d.data_dir, "batch_size": d.batch_size, "test_batch_size": d.test_batch_size,
-                    "seed": self.seed, "augment": d.augment, "subset": d.subset, "download": d.download}
-        return build_data(d.name, **{**settings, **changes})
+        return recipe_data(self.recipe, seed=self.seed, **changes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -155,6 +152,14 @@ class StageContext:
         config = dataclasses.replace(config, **self.launch)
         trainer = Trainer(model, data.train, data.test, config, hooks=hooks, run_dir=run_dir, device=self.device)
         return trainer, trainer.fit(resume=True)
+
+
+def recipe_data(recipe: Recipe, **changes: Any) -> DataBundle:
+    """The data set of ``recipe``'s data section; ``changes`` override loader settings."""
+    d = recipe.data
+    settings = {"data_dir": d.data_dir, "batch_size": d.batch_size, "test_batch_size": d.test_batch_size,
+                "augment": d.augment, "subset": d.subset, "download": d.download}
+    return build_data(d.name, **{**settings, **changes})
 
 
 # ---------------------------------------------------------------------- the stages
