@@ -1,7 +1,7 @@
 """λ calibration of the pruned-energy penalty (METHODS §1.3.3): short runs, largest λ within 0.5 point.
 
     python benchmarks/hyperspherical_lambda.py --data-dir ../shared/data [--epochs 5]
-        [--lams 0 0.1 0.3 1 3 10] [--sparsity 0.5] [--seed 0] [--subset N]
+        [--lams 0 0.1 0.3 1 3 10] [--sparsity 0.5] [--seed 0] [--subset N] [--parallel 2]
 
 Each λ is one run of recipes/hyperspherical/hs_penalty_s<sparsity>.yaml with ``prune.lam`` = λ and
 ``train.epochs`` = the short budget (λ = 0 is the unpenalised reference: hyperspherical convs, plain
@@ -10,13 +10,17 @@ accuracy is within 0.5 point of λ = 0 (:func:`prunekit.methods.hyperspherical.p
 table (dense accuracy, accuracy right after pruning at the penalty's sparsity with no retraining,
 mean pruned energy at the end of training) is written next to the runs (table.json) and to
 benchmarks/results/hyperspherical/lambda-<tag>.json and .md. Use the chosen λ for the experiment
-with ``hyperspherical_experiment.py --lam λ``.
+with ``hyperspherical_experiment.py --lam λ``. With ``--parallel N`` the runs not finished yet train
+as N processes at a time (one torch thread each on two cores); the table is then read back.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hyperspherical_experiment import RECIPES, RESULTS, RUNS, run_or_resume, stage
@@ -26,16 +30,35 @@ from prunekit.io import atomic_path, write_json
 from prunekit.methods.hyperspherical import LAMBDA_TOLERANCE, pick_lambda
 
 
+def run_lam(lam: float, args: argparse.Namespace) -> Path:
+    """λ's short run (run, resumed or read back); its run directory."""
+    extra = [f"prune.lam={lam}", f"train.epochs={args.epochs}", f"seeds=[{args.seed}]"]
+    extra += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
+    extra += [f"data.subset={args.subset}"] if args.subset else []
+    recipe = load_recipe(RECIPES / f"hs_penalty_s{args.sparsity:g}.yaml", extra)
+    return Path(run_or_resume(recipe, RUNS / f"lambda-{tag(args)}")["run_dir"])
+
+
+def launch_all(args: argparse.Namespace) -> None:
+    """Every λ as its own process, ``--parallel`` at a time (finished runs are only read back)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
+    common = ["--epochs", str(args.epochs), "--sparsity", str(args.sparsity), "--seed", str(args.seed)]
+    common += (["--data-dir", args.data_dir] if args.data_dir else []) + (["--subset", str(args.subset)] if args.subset else [])
+    pending, running = list(args.lams), []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            running.append(subprocess.Popen([sys.executable, __file__, "--one", str(pending.pop(0)), *common], env=env))
+        if running[0].wait() != 0:
+            raise SystemExit(f"λ run failed: {' '.join(running[0].args)}")
+        running.pop(0)
+
+
 def calibrate(args: argparse.Namespace) -> dict:
     """Run (or read back) every λ's short run; the table and the chosen λ."""
     out = RUNS / f"lambda-{tag(args)}"
     rows = []
     for lam in args.lams:
-        extra = [f"prune.lam={lam}", f"train.epochs={args.epochs}", f"seeds=[{args.seed}]"]
-        extra += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
-        extra += [f"data.subset={args.subset}"] if args.subset else []
-        recipe = load_recipe(RECIPES / f"hs_penalty_s{args.sparsity:g}.yaml", extra)
-        run_dir = Path(run_or_resume(recipe, out)["run_dir"])
+        run_dir = run_lam(lam, args)
         last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
         rows.append({"lam": lam, "dense_test_acc": stage(run_dir, "train")["dense_test_acc"],
                      "test_acc_after_prune": stage(run_dir, "prune")["test_acc_after_prune"],
@@ -75,9 +98,16 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5, choices=[0.5, 0.7])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subset", type=int, default=None, help="first N training images (smoke tests)")
+    parser.add_argument("--parallel", type=int, default=1, help="λ runs at once (one process each)")
+    parser.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one is not None:
+        run_lam(args.one, args)
+        return
     if 0.0 not in args.lams:
         parser.error("--lams: include 0 (the unpenalised reference)")
+    if args.parallel > 1:
+        launch_all(args)
     result = calibrate(args)
     lines = report(result, args)
     write_json(RESULTS / f"lambda-{tag(args)}.json", result)
