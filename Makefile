@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/prunekit demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile
 
 bench-throughput: $(STAMP)
 	$(VENV)/bin/python benchmarks/throughput.py --data-dir ../shared/data

@@ -162,3 +162,11 @@ def test_eval_checks_the_model_against_the_data_set_up_front(capsys, tmp_path):
     assert code == 2 and err.strip().splitlines() == [
         "prunekit eval: error: --data: the model takes 3x32x32 inputs with 10 classes (cifar10); digits has "
         "1x8x8 inputs with 10 classes"], err
+
+
+def test_output_is_not_wrapped_when_not_a_terminal(capsys, tmp_path):
+    """Logs and pipes get whole lines: a path longer than the 120 columns stays on one line."""
+    out = tmp_path / ("run-" + "x" * 150)
+    code, printed, err = run_cli(capsys, *TRAIN, "--out", out)
+    assert code == 0, err
+    assert any(str(out) in line for line in printed.splitlines()), printed

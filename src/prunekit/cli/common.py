@@ -56,9 +56,12 @@ def launch_line(batch_size: int, launch: dict) -> str | None:
 
 
 def console() -> Console:
-    """Rich console; when the output is not a terminal (logs, CI) tables get 120 columns, not 80.
-    Under torchrun only rank 0 prints."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 120, quiet=not current().is_main)
+    """Rich console; when the output is not a terminal (logs, CI) tables get 120 columns, not 80,
+    and lines are never wrapped (a long path stays one line for grep and copy). Under torchrun
+    only rank 0 prints."""
+    terminal = sys.stdout.isatty()
+    return Console(highlight=False, width=None if terminal else 120, soft_wrap=not terminal,
+                   quiet=not current().is_main)
 
 
 def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
