@@ -17,7 +17,10 @@ own process (``--parallel`` at a time), each step resumable and skipped once don
 2. on the fly: the trained model pruned by the prune stage (:func:`prunekit.methods.run_prune`,
    what ``prunekit prune`` runs) at every ``--ratios`` value with no retraining, without and with
    each recovery mode, and BN-recalibrated on ``--bn-batches`` training batches as a labelled
-   extra; the standard arm is pruned by the magnitude of its raw weights;
+   extra; the standard arm is pruned by the magnitude of its raw weights; then the same four
+   ratios as one ``prunekit prune RUN --sweep ratio=... --plot`` command in its own process, timed
+   whole, its accuracies checked against the stage's (first seed only; the command always tests on
+   the full test set, so with ``--subset`` they differ);
 3. A, C and D: the fine-tune recipe (finetune_<arm>.yaml: pruned at 0.7, masks fixed, one
    identical short fine-tune) started from the arm's trained model;
 4. each prunable layer's pruned energy R_l at s = 0.5 and 0.7 at the end of training and the
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,6 +129,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                            "recipe_prune": stage(run_dir, "prune"), "curve": [m["test_acc"] for m in history],
                            "logged_energy": {k: v for k, v in history[-1]["extra"].items() if "energy" in k}}
     row["onthefly"] = on_the_fly(recipe, run_dir, out / "onthefly" / f"{arm}-seed{seed}", args)
+    if seed == args.seeds[0]:  # a speed figure and a consistency check: once per arm
+        row["one_command"] = one_command(arm, run_dir, out / "onthefly" / f"{arm}-seed{seed}-command", args)
     if arm in FINETUNED:
         tuned = Path(run_or_resume(finetune_recipe(arm, seed, args, run_dir / "train"), out / "finetune")["run_dir"])
         row["finetune"] = {"ratio": FINETUNE_RATIO, "epochs": args.finetune_epochs,
@@ -154,6 +160,28 @@ def on_the_fly(recipe: Recipe, run_dir: Path, out: Path, args: argparse.Namespac
                 write_json(folder / "prune.json", {**summary, "stage_wall_time_s": time.perf_counter() - began})
             results[f"{ratio:g}/{recovery}"] = json.loads((folder / "prune.json").read_text())
     return results
+
+
+def one_command(arm: str, run_dir: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``prunekit prune RUN --method ... --sweep ratio=... --plot`` as a user runs it (its own process,
+    the environment's threads; the method's keys as flags from the arm's recipe): wall time, and its
+    accuracies, which must equal the library path's."""
+    timing = out / "command.json"
+    if not timing.is_file():
+        shutil.rmtree(out / "sweep", ignore_errors=True)  # a killed command is run again whole
+        path = RECIPES / f"{ARMS[arm]}.yaml"
+        keys = {k: v for k, v in parse_yaml(path.read_text(), str(path))["prune"].items() if k != "ratio"}
+        flags = [text for key, value in keys.items() for text in (f"--{key.replace('_', '-')}", str(value))]
+        command = [sys.executable, "-m", "prunekit", "prune", str(run_dir / "train"), *flags, "--sweep",
+                   "ratio=" + ",".join(f"{r:g}" for r in args.ratios), "--plot", str(out / "sweep" / "curve.png"),
+                   "--out", str(out / "sweep")] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        began = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        write_json(timing, {"wall_s": time.perf_counter() - began, "threads": os.environ.get("OMP_NUM_THREADS"),
+                            "command": ["prunekit", *command[3:]]})
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    return {**json.loads(timing.read_text()),
+            "test_acc": {row["ratio"]: row["test_acc_after_prune"] for row in sweep["rows"]}}
 
 
 def layer_energies(model: torch.nn.Module, sparsity: float) -> dict[str, float]:
@@ -236,7 +264,11 @@ def summarise(rows: list[dict], args: argparse.Namespace, overhead: dict | None)
                      "prune_time_s_four_ratios": [sum(r["onthefly"][f"{ratio}/none"]["prune_time_s"] for ratio in ratios)
                                                   for r in group],
                      "prune_stage_wall_s_four_ratios": [sum(r["onthefly"][f"{ratio}/none"]["stage_wall_time_s"]
-                                                            for ratio in ratios) for r in group]}
+                                                            for ratio in ratios) for r in group],
+                     "one_command_wall_s": [r["one_command"]["wall_s"] for r in group if "one_command" in r],
+                     "one_command_vs_library_max_diff": max(
+                         abs(r["one_command"]["test_acc"][ratio] - r["onthefly"][f"{ratio}/none"]["test_acc_after_prune"])
+                         for r in group if "one_command" in r for ratio in ratios)}
     lines = table(arms, ratios, args)
     if overhead:
         lines += ["", f"Penalty overhead per training step (one run, {overhead['setup']}): "
@@ -277,12 +309,14 @@ def table(arms: dict[str, Any], ratios: list[str], args: argparse.Namespace) -> 
         lines.append(f"| {LABELS[arm]} | {len(tuned)} | {spread([t['after_prune'] for t in tuned])} | "
                      f"{spread([t['after_finetune'] for t in tuned])} |")
     lines += ["", "| arm | mean pruned energy R_l at s=0.5 | at s=0.7 | pruning at the four ratios (prune only / "
-                  "stage with MACs, save, test) |", "|---|---|---|---|"]
+                  "stage with MACs, save, test) | `prunekit prune --sweep` at the four ratios, whole command | "
+                  "its accuracies vs the stage's (max diff) |", "|---|---|---|---|---|---|"]
     for arm in sorted(arms):
         a = arms[arm]
         energy = {s: mean(list(v.values())) for s, v in a["energy"].items()}
         lines.append(f"| {LABELS[arm]} | {energy.get('0.5', float('nan')):.2e} | {energy.get('0.7', float('nan')):.2e} | "
-                     f"{mean(a['prune_time_s_four_ratios']):.2f} s / {mean(a['prune_stage_wall_s_four_ratios']):.1f} s |")
+                     f"{mean(a['prune_time_s_four_ratios']):.2f} s / {mean(a['prune_stage_wall_s_four_ratios']):.1f} s | "
+                     f"{mean(a['one_command_wall_s']):.1f} s | {a['one_command_vs_library_max_diff']:.1e} |")
     return lines
 
 
