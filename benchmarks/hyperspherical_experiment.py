@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from machine import machine_info
+from processes import run_processes
 from prunekit.artifact import load_artifact
 from prunekit.core.energy import filter_energies, low_magnitude_mask, pruned_count
 from prunekit.core.hyperspherical import unit_rows
@@ -215,18 +216,8 @@ def arm_file(arm: str, seed: int, args: argparse.Namespace) -> Path:
 
 def launch_all(args: argparse.Namespace) -> None:
     """Every (arm, seed) not written yet as its own process, ``--parallel`` at a time."""
-    pending = [job for job in jobs(args) if not arm_file(*job, args).is_file()]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            arm, seed = pending.pop(0)
-            running.append(subprocess.Popen([sys.executable, __file__, "--one", arm, str(seed),
-                                             *forwarded(args)], env=env))
-        running[0].wait()
-        if running[0].returncode != 0:
-            raise SystemExit(f"arm failed: {' '.join(running[0].args)}")
-        running.pop(0)
+    run_processes([[sys.executable, __file__, "--one", arm, str(seed), *forwarded(args)]
+                   for arm, seed in jobs(args) if not arm_file(arm, seed, args).is_file()], args.parallel)
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from hyperspherical_experiment import RECIPES, RESULTS, RUNS, run_or_resume, stage
 from machine import machine_info
+from processes import run_processes
 from prunekit.experiment.recipe import load_recipe
 from prunekit.io import atomic_path, write_json
 from prunekit.methods.hyperspherical import LAMBDA_TOLERANCE, pick_lambda
@@ -41,16 +40,9 @@ def run_lam(lam: float, args: argparse.Namespace) -> Path:
 
 def launch_all(args: argparse.Namespace) -> None:
     """Every λ as its own process, ``--parallel`` at a time (finished runs are only read back)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
     common = ["--epochs", str(args.epochs), "--sparsity", str(args.sparsity), "--seed", str(args.seed)]
     common += (["--data-dir", args.data_dir] if args.data_dir else []) + (["--subset", str(args.subset)] if args.subset else [])
-    pending, running = list(args.lams), []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            running.append(subprocess.Popen([sys.executable, __file__, "--one", str(pending.pop(0)), *common], env=env))
-        if running[0].wait() != 0:
-            raise SystemExit(f"λ run failed: {' '.join(running[0].args)}")
-        running.pop(0)
+    run_processes([[sys.executable, __file__, "--one", str(lam), *common] for lam in args.lams], args.parallel)
 
 
 def calibrate(args: argparse.Namespace) -> dict:
