@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from machine import machine_info
+from processes import run_processes
 from prunekit.experiment.recipe import Recipe, load_recipe
 from prunekit.experiment.runner import RESULT_FILE, STORE_NAME, resume, run_recipe
 from prunekit.io import atomic_path, write_json
@@ -94,21 +92,9 @@ def run_arm(arm: str, seed: int, variant: str, args: argparse.Namespace) -> dict
 
 
 def launch(jobs: list[tuple[str, int, str]], parallel: int, args: argparse.Namespace) -> None:
-    """Every job not yet done as its own process (one torch thread), ``parallel`` at a time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    pending = [job for job in jobs if not result_file(*job).is_file()]
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            arm, seed, variant = pending.pop(0)
-            command = [sys.executable, __file__, "--one", arm, str(seed), variant, *forwarded(args)]
-            running.append(subprocess.Popen(command, env=env))
-        while all(process.poll() is None for process in running):
-            time.sleep(5)
-        for process in [p for p in running if p.returncode is not None]:
-            if process.returncode != 0:
-                raise SystemExit(f"arm failed: {' '.join(map(str, process.args))}")
-            running.remove(process)
+    """Every job without a result file as its own process, ``parallel`` at a time."""
+    run_processes([[sys.executable, __file__, "--one", arm, str(seed), variant, *forwarded(args)]
+                   for arm, seed, variant in jobs if not result_file(arm, seed, variant).is_file()], parallel)
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:

@@ -28,7 +28,9 @@ own process (``--parallel`` at a time), each step resumable and skipped once don
 
 Then the training overhead of the penalty is measured in this process
 (benchmarks/hyperspherical_overhead.py). Only (arm, seed) pairs whose every step finished are
-written (one JSON each), and the summary is written only when every requested pair is there.
+written (one JSON each), and the summary is written only when every requested pair is there. A
+pair with its JSON is never run again: committed pair files carry the experiment over to a later
+session or machine whose runs/ folder is gone (a pair in progress there starts again).
 Writes benchmarks/results/hyperspherical/<tag>/: summary.json, table.md, accuracy-vs-ratio.png,
 histograms.png, energy.png, overhead.json. ``<tag>`` is ``e<epochs>`` (``-subset<N>`` for smoke
 runs, ``-lam<λ>`` when ``--lam`` overrides the recipes' λ).

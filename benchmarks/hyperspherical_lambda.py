@@ -1,17 +1,20 @@
 """λ calibration of the pruned-energy penalty (METHODS §1.3.3): short runs, largest λ within 0.5 point.
 
     python benchmarks/hyperspherical_lambda.py --data-dir ../shared/data [--epochs 5]
-        [--lams 0 0.1 0.3 1 3 10] [--sparsity 0.5] [--seed 0] [--subset N] [--parallel 2]
+        [--lams 0 0.1 0.3 1 3 10] [--sparsity 0.5] [--seed 0] [--subset N] [--parallel 2] [--summary-only]
 
 Each λ is one run of recipes/hyperspherical/hs_penalty_s<sparsity>.yaml with ``prune.lam`` = λ and
 ``train.epochs`` = the short budget (λ = 0 is the unpenalised reference: hyperspherical convs, plain
-CE), resumable under runs/hyperspherical/lambda-<tag>/. The chosen λ is the largest whose dense
-accuracy is within 0.5 point of λ = 0 (:func:`prunekit.methods.hyperspherical.pick_lambda`). The
-table (dense accuracy, accuracy right after pruning at the penalty's sparsity with no retraining,
-mean pruned energy at the end of training) is written next to the runs (table.json) and to
-benchmarks/results/hyperspherical/lambda-<tag>.json and .md. Use the chosen λ for the experiment
-with ``hyperspherical_experiment.py --lam λ``. With ``--parallel N`` the runs not finished yet train
-as N processes at a time (one torch thread each on two cores); the table is then read back.
+CE), resumable per epoch under runs/hyperspherical/lambda-<tag>/. A finished λ's row (dense
+accuracy, accuracy right after pruning at the penalty's sparsity with no retraining, mean pruned
+energy at the end of training) is written to benchmarks/results/hyperspherical/lambda-<tag>/
+lam<λ>.json; a λ with a row file is not trained again, so committed rows carry a sweep over
+sessions whose runs/ folder is gone. Only when every requested λ has its row are the table and the
+choice written (benchmarks/results/hyperspherical/lambda-<tag>.json and .md): the largest λ whose
+dense accuracy is within 0.5 point of λ = 0 (:func:`prunekit.methods.hyperspherical.pick_lambda`).
+Use the chosen λ for the experiment with ``hyperspherical_experiment.py --lam λ`` or put it in the
+recipes. With ``--parallel N`` the λ without a row train as N processes at a time (one torch thread
+each on two cores).
 """
 
 from __future__ import annotations
@@ -29,37 +32,41 @@ from prunekit.io import atomic_path, write_json
 from prunekit.methods.hyperspherical import LAMBDA_TOLERANCE, pick_lambda
 
 
-def run_lam(lam: float, args: argparse.Namespace) -> Path:
-    """λ's short run (run, resumed or read back); its run directory."""
+def run_lam(lam: float, args: argparse.Namespace) -> dict:
+    """λ's short run (run or resumed) and its row, written to its row file."""
     extra = [f"prune.lam={lam}", f"train.epochs={args.epochs}", f"seeds=[{args.seed}]"]
     extra += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     extra += [f"data.subset={args.subset}"] if args.subset else []
     recipe = load_recipe(RECIPES / f"hs_penalty_s{args.sparsity:g}.yaml", extra)
-    return Path(run_or_resume(recipe, RUNS / f"lambda-{tag(args)}")["run_dir"])
+    run_dir = Path(run_or_resume(recipe, RUNS / f"lambda-{tag(args)}")["run_dir"])
+    last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
+    row = {"lam": lam, "dense_test_acc": stage(run_dir, "train")["dense_test_acc"],
+           "test_acc_after_prune": stage(run_dir, "prune")["test_acc_after_prune"],
+           "pruned_energy_mean": last["extra"]["pruned_energy_mean"], "run_dir": str(run_dir),
+           "recipe_digest": recipe.digest(), "machine": machine_info()}
+    write_json(row_file(lam, args), row)
+    return row
+
+
+def row_file(lam: float, args: argparse.Namespace) -> Path:
+    return RESULTS / f"lambda-{tag(args)}" / f"lam{lam:g}.json"
 
 
 def launch_all(args: argparse.Namespace) -> None:
-    """Every λ as its own process, ``--parallel`` at a time (finished runs are only read back)."""
+    """Every λ without a row as its own process, ``--parallel`` at a time."""
     common = ["--epochs", str(args.epochs), "--sparsity", str(args.sparsity), "--seed", str(args.seed)]
     common += (["--data-dir", args.data_dir] if args.data_dir else []) + (["--subset", str(args.subset)] if args.subset else [])
-    run_processes([[sys.executable, __file__, "--one", str(lam), *common] for lam in args.lams], args.parallel)
+    run_processes([[sys.executable, __file__, "--one", str(lam), *common]
+                   for lam in args.lams if not row_file(lam, args).is_file()], args.parallel)
 
 
 def calibrate(args: argparse.Namespace) -> dict:
-    """Run (or read back) every λ's short run; the table and the chosen λ."""
-    out = RUNS / f"lambda-{tag(args)}"
-    rows = []
-    for lam in args.lams:
-        run_dir = run_lam(lam, args)
-        last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
-        rows.append({"lam": lam, "dense_test_acc": stage(run_dir, "train")["dense_test_acc"],
-                     "test_acc_after_prune": stage(run_dir, "prune")["test_acc_after_prune"],
-                     "pruned_energy_mean": last["extra"]["pruned_energy_mean"], "run_dir": str(run_dir)})
+    """Every λ's row (trained here when missing); the table and the chosen λ."""
+    rows = [json.loads(row_file(lam, args).read_text()) if row_file(lam, args).is_file() else run_lam(lam, args)
+            for lam in args.lams]
     chosen = pick_lambda({row["lam"]: row["dense_test_acc"] for row in rows})
-    result = {"sparsity": args.sparsity, "epochs": args.epochs, "subset": args.subset, "seed": args.seed,
-              "tolerance": LAMBDA_TOLERANCE, "chosen_lam": chosen, "rows": rows, "machine": machine_info()}
-    write_json(out / "table.json", result)
-    return result
+    return {"sparsity": args.sparsity, "epochs": args.epochs, "subset": args.subset, "seed": args.seed,
+            "tolerance": LAMBDA_TOLERANCE, "chosen_lam": chosen, "rows": rows, "machine": machine_info()}
 
 
 def tag(args: argparse.Namespace) -> str:
@@ -91,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--subset", type=int, default=None, help="first N training images (smoke tests)")
     parser.add_argument("--parallel", type=int, default=1, help="λ runs at once (one process each)")
+    parser.add_argument("--summary-only", action="store_true", help="write the table from the row files; train nothing")
     parser.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
@@ -98,7 +106,11 @@ def main() -> None:
         return
     if 0.0 not in args.lams:
         parser.error("--lams: include 0 (the unpenalised reference)")
-    if args.parallel > 1:
+    if args.summary_only:
+        missing = [f"{lam:g}" for lam in args.lams if not row_file(lam, args).is_file()]
+        if missing:
+            raise SystemExit(f"not summarised: λ = {', '.join(missing)} not finished (run without --summary-only)")
+    elif args.parallel > 1:
         launch_all(args)
     result = calibrate(args)
     lines = report(result, args)

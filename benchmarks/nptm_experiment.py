@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from machine import machine_info
+from processes import run_processes
 from prunekit.experiment.recipe import Recipe, load_recipe
 from prunekit.experiment.runner import RESULT_FILE, STORE_NAME, resume, run_recipe
 from prunekit.io import atomic_path, write_json
@@ -144,22 +143,10 @@ def run_arm(criterion: str, plan: str, seed: int, args: argparse.Namespace) -> d
 
 
 def launch_all(args: argparse.Namespace) -> list[dict]:
-    """Every (arm, seed) as its own process, ``--parallel`` at a time, sharing the cores."""
+    """Every (arm, seed) without a result file as its own process, ``--parallel`` at a time."""
     jobs = [(c, p, s) for s in args.seeds for c in args.criteria for p in args.plans]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
-    pending, running = list(jobs), []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            criterion, plan, seed = pending.pop(0)
-            if arm_file(criterion, plan, seed, args).is_file():
-                continue
-            command = [sys.executable, __file__, "--one", criterion, plan, str(seed), *forwarded(args)]
-            running.append(subprocess.Popen(command, env=env))
-        if running:
-            running[0].wait()
-            if running[0].returncode != 0:
-                raise SystemExit(f"arm failed: {' '.join(running[0].args)}")
-            running.pop(0)
+    run_processes([[sys.executable, __file__, "--one", c, p, str(s), *forwarded(args)]
+                   for c, p, s in jobs if not arm_file(c, p, s, args).is_file()], args.parallel)
     return [json.loads(arm_file(c, p, s, args).read_text()) for c, p, s in jobs]
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 
 from machine import machine_info
+from processes import run_processes
 from prunekit.core.schedules import Schedule
 from prunekit.data import build_data
 from prunekit.experiment.recipe import Recipe, load_recipe
@@ -88,19 +87,10 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def launch_all(args: argparse.Namespace) -> list[dict]:
-    """Run every (arm, seed) as its own process, ``--parallel`` at a time, one torch thread each."""
-    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.parallel))}
-    pending, running = [job for job in jobs if not arm_file(*job, args).is_file()], []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            arm, seed = pending.pop(0)
-            command = [sys.executable, __file__, "--one", arm, "--seed-one", str(seed), *forwarded(args)]
-            running.append(subprocess.Popen(command, env=env))
-        running[0].wait()
-        if running[0].returncode != 0:
-            raise SystemExit(f"arm failed: {' '.join(running[0].args)}")
-        running.pop(0)
+    """Run every (arm, seed) without a result file as its own process, ``--parallel`` at a time."""
+    run_processes([[sys.executable, __file__, "--one", arm, "--seed-one", str(seed), *forwarded(args)]
+                   for seed in args.seeds for arm in args.arms if not arm_file(arm, seed, args).is_file()],
+                  args.parallel)
     return finished(args)
 
 
