@@ -129,6 +129,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     history = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     row: dict[str, Any] = {"arm": arm, "recipe": ARMS[arm], "seed": seed, "run_dir": str(run_dir),
                            "dense_test_acc": train["dense_test_acc"], "train_wall_time_s": train["wall_time_s"],
+                           "precision": train["precision"], "machine": machine_info(),
                            "recipe_prune": stage(run_dir, "prune"), "curve": [m["test_acc"] for m in history],
                            "logged_energy": {k: v for k, v in history[-1]["extra"].items() if "energy" in k}}
     row["onthefly"] = on_the_fly(recipe, run_dir, out / "onthefly" / f"{arm}-seed{seed}", args)

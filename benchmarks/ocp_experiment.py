@@ -10,13 +10,17 @@ scratch with the same optimizer, LR plan, augmentation and precision in every ar
 layer-wise L1 magnitude pruning of every conv (first conv included, classifier dense, METHODS
 §3.3), masks updated before each step when the schedule's target changes and enforced after each
 step. Arms: one-shot at 40 % of the budget, iterative (3 steps) from 20 %, AGP from 20 % to the
-end, One-Cycle (alpha 14, beta 5) over the whole run, and the dense reference. Each arm is its
+end, One-Cycle (alpha 14, beta 5) over the whole run, and the dense reference (trained once per
+seed and budget, shared by every sparsity). Each arm is its
 own resumable run under runs/ocp/ (a killed experiment continues where it stopped; an arm's
 result file is written only when its run finished, and finished arms are not started again).
 The summary (summary-*.json, table-*.md, curves-*.png in benchmarks/results/ocp/) covers only
 seeds on which every requested arm finished, with mean ± std per arm and the paper's paired
 comparisons per seed (OCP > AGP, AGP > One-Shot, One-Shot > Iterative); ``--summary-only``
 writes it from what is finished and names what is missing.
+``--subset N`` (smoke tests on the first N training images) keeps its runs and results apart
+(runs/ocp/subsetN/, benchmarks/results/ocp/subsetN/). The result files are what carries an
+experiment over to a session whose runs/ folder is gone: commit them.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(seed)
     model = build_model("resnet20", num_classes=data.num_classes)
     recipe = arm_recipe(arm, args)
-    run_dir = Path("runs/ocp") / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}"
+    run_dir = Path("runs/ocp") / arm_file(arm, seed, args).relative_to(RESULTS).with_suffix("")
 
     def fit(model, spec, hooks, data=data):
         trainer = Trainer(model, data.train, data.test, spec.config(seed), hooks=hooks, run_dir=run_dir)
@@ -106,8 +110,15 @@ def forwarded(args: argparse.Namespace) -> list[str]:
     return out + (["--data-dir", args.data_dir] if args.data_dir else [])
 
 
+def results_dir(args: argparse.Namespace) -> Path:
+    """Where results go: smoke runs on a training subset are kept apart from the real ones."""
+    return RESULTS / f"subset{args.subset}" if args.subset else RESULTS
+
+
 def arm_file(arm: str, seed: int, args: argparse.Namespace) -> Path:
-    return RESULTS / f"{arm}-s{args.sparsity:g}-e{args.epochs}-seed{seed}.json"
+    """An arm's result; the dense reference does not depend on the sparsity, so it is trained once per seed."""
+    budget = f"e{args.epochs}" if arm == "dense" else f"s{args.sparsity:g}-e{args.epochs}"
+    return results_dir(args) / f"{arm}-{budget}-seed{seed}.json"
 
 
 def complete_seeds(rows: list[dict], arms: list[str]) -> list[int]:
@@ -158,11 +169,11 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> None:
         lines.append(f"- {claim['claim']}: {per_seed} (mean {100 * claim['mean']:+.2f}): {verdict}")
     if missing:
         lines += ["", f"Not finished (left out of this summary): {', '.join(missing)}."]
-    write_json(RESULTS / f"summary-s{args.sparsity:g}-e{args.epochs}.json",
+    write_json(results_dir(args) / f"summary-s{args.sparsity:g}-e{args.epochs}.json",
                {"epochs": args.epochs, "sparsity": args.sparsity, "seeds": seeds, "arms": summary, "claims": claims,
                 "missing": missing, "runs": rows, "summarised_on": machine_info(),
                 "trained_on": [r.get("machine", "not recorded (before this field)") for r in rows]})
-    with atomic_path(RESULTS / f"table-s{args.sparsity:g}-e{args.epochs}.md") as tmp:
+    with atomic_path(results_dir(args) / f"table-s{args.sparsity:g}-e{args.epochs}.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     plot(rows, args)
     print("\n".join(lines))
@@ -190,7 +201,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     for axes in (sparsity_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.legend()
-    with atomic_path(RESULTS / f"curves-s{args.sparsity:g}-e{args.epochs}.png") as tmp:
+    with atomic_path(results_dir(args) / f"curves-s{args.sparsity:g}-e{args.epochs}.png") as tmp:
         figure.savefig(tmp, format="png", dpi=110)
 
 
