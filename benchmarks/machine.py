@@ -24,3 +24,13 @@ def machine_info() -> dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def precision_line(rows: list[dict]) -> str:
+    """Which training precision the runs of a summary used, by seed (rows from before the field say so)."""
+    seeds: dict[str, set[int]] = {}
+    for row in rows:
+        seeds.setdefault(row.get("precision", "not recorded"), set()).add(row["seed"])
+    parts = [f"{precision} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, sorted(s)))})"
+             for precision, s in sorted(seeds.items())]
+    return "Training precision: " + "; ".join(parts) + "."

@@ -31,7 +31,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from machine import machine_info
+from machine import machine_info, precision_line
 from processes import run_processes
 from prunekit.experiment.recipe import Recipe, load_recipe
 from prunekit.experiment.runner import RESULT_FILE, STORE_NAME, resume, run_recipe
@@ -139,7 +139,8 @@ def run_arm(criterion: str, plan: str, seed: int, args: argparse.Namespace) -> d
             "params_removed": prune["params_removed"], "macs": result["macs"], "dense_macs": result["dense_macs"],
             "params": result["params"], "dense_params": result["dense_params"],
             "retrain_wall_time_s": retrain["wall_time_s"], "steps_per_epoch": retrain["steps_per_epoch"],
-            "curve": [m["test_acc"] for m in history if "test_acc" in m]}
+            "curve": [m["test_acc"] for m in history if "test_acc" in m],
+            "precision": retrain["precision"], "machine": machine_info()}
 
 
 def launch_all(args: argparse.Namespace) -> list[dict]:
@@ -196,7 +197,7 @@ def summarise(rows: list[dict], dense: dict, args: argparse.Namespace) -> None:
     first = rows[0]
     lines += ["", f"Dense ResNet-20 (T = {dense['epochs']} epochs, seed {dense['seed']}): {100 * base:.2f} % "
               f"test accuracy. Pruned (resnet20-B): {first['params'] / first['dense_params']:.3f}x params, "
-              f"{first['macs'] / first['dense_macs']:.3f}x MACs ({first['params_removed']:.1%} of params removed)."]
+              f"{first['macs'] / first['dense_macs']:.3f}x MACs ({first['params_removed']:.1%} of params removed).", "", precision_line(rows)]
     write_json(results_dir(args) / f"summary-t{args.budget}.json",
                {"budget": args.budget, "dense": dense, "arms": arms, "paired": paired, "runs": rows,
                 "machine": machine_info()})

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from machine import machine_info
+from machine import machine_info, precision_line
 from processes import run_processes
 from prunekit.core.schedules import Schedule
 from prunekit.data import build_data
@@ -87,7 +87,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
             "best_test_acc_optimistic": result.best_test_acc, "wall_time_s": result.wall_time_s,
             "conv_sparsity": realised, "curve": [m.test_acc for m in result.history],
             "sparsity_curve": [m.extra.get("sparsity_target", 0.0) for m in result.history],
-            "machine": machine_info()}
+            "precision": trainer.precision, "machine": machine_info()}
 
 
 def launch_all(args: argparse.Namespace) -> list[dict]:
@@ -167,6 +167,7 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> None:
         per_seed = ", ".join(f"{100 * d:+.2f}" for d in claim["differences"].values())
         verdict = "held on every seed" if claim["held_on_every_seed"] else "did not hold on every seed"
         lines.append(f"- {claim['claim']}: {per_seed} (mean {100 * claim['mean']:+.2f}): {verdict}")
+    lines += ["", precision_line(rows)]
     if missing:
         lines += ["", f"Not finished (left out of this summary): {', '.join(missing)}."]
     write_json(results_dir(args) / f"summary-s{args.sparsity:g}-e{args.epochs}.json",
