@@ -111,7 +111,7 @@ def summarise() -> None:
     provenance = json.loads((CHECKPOINT / "provenance.json").read_text())
     any_row = next(iter(rows.values()))
     dense_macs, target = any_row["dense_macs"], any_row["target_macs"]
-    lines = [f"| arm | gate seed | MACs kept (vs target) | acc. right after pruning | acc. after 5-epoch fine-tune | "
+    lines = ["| arm | gate seed | MACs kept (vs target) | acc. right after pruning | acc. after 5-epoch fine-tune | "
              "gate training |", "|---|---|---|---|---|---|"]
     arms = {}
     for arm, seed in ARMS:
