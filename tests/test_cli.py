@@ -10,9 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA
 from cli_runner import run_cli
-from prunekit.cli.main import main
 
 
 def malformed_cifar(tmp_path: Path) -> Path:

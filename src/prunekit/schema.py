@@ -12,7 +12,7 @@ import math
 from dataclasses import fields
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from prunekit.errors import UserError
 from prunekit.registry import Registry

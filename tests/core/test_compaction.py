@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.artifact import ModelSpec, load_artifact, save_artifact
+from prunekit.artifact import ModelSpec, save_artifact
 from prunekit.core.compaction import compact
 from prunekit.core.groups import channel_groups, group_masks
 from prunekit.core.importance import l1_filter_scores

@@ -11,7 +11,6 @@ from prunekit.artifact import load_artifact
 from prunekit.cli.common import console, key_value_table
 from prunekit.cli.parsing import non_negative_int
 from prunekit.core.report import compaction_report
-from prunekit.measure import count_macs, count_params
 from prunekit.measure.sparsity import weight_sparsity
 from prunekit.models import build_model
 

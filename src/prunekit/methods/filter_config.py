@@ -75,8 +75,8 @@ class VGGConfig:
         return tuple(int(w) for w in self.widths if w != "M")
 
 
-FilterConfig = ResNetConfig | VGGConfig
-FILTER_CONFIGS: Registry[FilterConfig] = Registry("filter-pruning configuration")
+WidthConfig = ResNetConfig | VGGConfig
+FILTER_CONFIGS: Registry[WidthConfig] = Registry("filter-pruning configuration")
 
 _R56_B_SKIP = frozenset({16, 18, 20, 34, 38, 54})
 _R110_B_SKIP = frozenset({36, 38, 74})
@@ -101,7 +101,7 @@ for _name, _config in {
     FILTER_CONFIGS.register(_name)(_config)
 
 
-def _config(config: str | FilterConfig) -> FilterConfig:
+def _config(config: str | WidthConfig) -> WidthConfig:
     return FILTER_CONFIGS.get(config) if isinstance(config, str) else config
 
 
@@ -114,7 +114,7 @@ def conv_ids(model: nn.Module) -> dict[str, int]:
     return ids
 
 
-def kept_counts(model: nn.Module, config: str | FilterConfig) -> dict[str, tuple[int, int]]:
+def kept_counts(model: nn.Module, config: str | WidthConfig) -> dict[str, tuple[int, int]]:
     """``{conv name: (filters kept, filters before)}`` for every conv the configuration prunes
     (skipped and untouched convs are absent)."""
     config = _config(config)
@@ -168,7 +168,7 @@ def _vgg_counts(model: nn.Module, config: VGGConfig) -> dict[str, tuple[int, int
     return out
 
 
-def filter_keep(model: nn.Module, config: str | FilterConfig, criterion: str = "l1",
+def filter_keep(model: nn.Module, config: str | WidthConfig, criterion: str = "l1",
                 seed: int = 0) -> dict[str, torch.Tensor]:
     """Kept filter indices (sorted LongTensor) per pruned conv, for :func:`compact`.
 
@@ -201,7 +201,7 @@ def keep_masks(model: nn.Module, keep: dict[str, torch.Tensor]) -> dict[str, tor
     return masks
 
 
-def prune_filters(model: nn.Module, config: str | FilterConfig, criterion: str = "l1", seed: int = 0, *,
+def prune_filters(model: nn.Module, config: str | WidthConfig, criterion: str = "l1", seed: int = 0, *,
                   example_input: torch.Tensor | None = None, verify: bool = True) -> CompactionResult:
     """Select with :func:`filter_keep` and remove the filters for good (in place); the result's
     ``manifest`` rebuilds (and rewinds) the pruned model. ``example_input`` defaults to one
