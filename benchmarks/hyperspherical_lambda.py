@@ -40,7 +40,8 @@ def run_lam(lam: float, args: argparse.Namespace) -> dict:
     recipe = load_recipe(RECIPES / f"hs_penalty_s{args.sparsity:g}.yaml", extra)
     run_dir = Path(run_or_resume(recipe, RUNS / f"lambda-{tag(args)}")["run_dir"])
     last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
-    row = {"lam": lam, "dense_test_acc": stage(run_dir, "train")["dense_test_acc"],
+    train = stage(run_dir, "train")
+    row = {"lam": lam, "dense_test_acc": train["dense_test_acc"], "precision": train["precision"],
            "test_acc_after_prune": stage(run_dir, "prune")["test_acc_after_prune"],
            "pruned_energy_mean": last["extra"]["pruned_energy_mean"], "run_dir": str(run_dir),
            "recipe_digest": recipe.digest(), "machine": machine_info()}
@@ -85,7 +86,8 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
                      f"{100 * (r['dense_test_acc'] - reference):+.2f} | {100 * r['test_acc_after_prune']:.2f} % | "
                      f"{r['pruned_energy_mean']:.2e} |")
     lines += ["", f"Chosen: λ = {result['chosen_lam']:g}, the largest within {100 * LAMBDA_TOLERANCE:.1f} point "
-                  "of λ = 0's dense accuracy."]
+                  "of λ = 0's dense accuracy.", "",
+              "Training precision: " + ", ".join(sorted({r.get("precision", "not recorded") for r in result["rows"]})) + "."]
     return lines
 
 

@@ -1,19 +1,22 @@
 """The recipes of the Pruning On-the-Fly experiment (METHODS §1.6) say what its arms are."""
 
+import json
 from pathlib import Path
 
 import pytest
 
 from prunekit.experiment.recipe import RecipeError, load_recipe
-from prunekit.methods.hyperspherical import Hyperspherical, PrunedEnergyHook
+from prunekit.methods.hyperspherical import Hyperspherical, PrunedEnergyHook, pick_lambda
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes" / "hyperspherical"
+CALIBRATION = ROOT / "benchmarks" / "results" / "hyperspherical" / "lambda-s0.5-e5.json"
+CALIBRATED_LAM = json.loads(CALIBRATION.read_text())["chosen_lam"]  # §1.3.3: the sweep picks λ
 ARMS = {  # recipe: (convs, lam, penalty sparsity, ratio)
     "standard": ("standard", 0.0, 0.5, 0.5),
     "hs": ("hyperspherical", 0.0, 0.5, 0.5),
-    "hs_penalty_s0.5": ("hyperspherical", 1.0, 0.5, 0.5),
-    "hs_penalty_s0.7": ("hyperspherical", 1.0, 0.7, 0.7),
+    "hs_penalty_s0.5": ("hyperspherical", CALIBRATED_LAM, 0.5, 0.5),
+    "hs_penalty_s0.7": ("hyperspherical", CALIBRATED_LAM, 0.7, 0.7),
 }
 FINETUNED = ("standard", "hs_penalty_s0.5", "hs_penalty_s0.7")
 
@@ -43,6 +46,12 @@ def test_arm_settings(name):
     assert recipe.retrain is None
     hooks = prune.train_hooks(recipe)
     assert [type(h) for h in hooks] == ([] if prune.convs == "standard" else [PrunedEnergyHook])
+
+
+def test_the_committed_calibration_is_the_whole_sweep_and_its_choice_follows_the_rule():
+    result = json.loads(CALIBRATION.read_text())
+    assert sorted(row["lam"] for row in result["rows"]) == [0.0, 0.1, 0.3, 1.0, 3.0, 10.0]
+    assert result["chosen_lam"] == pick_lambda({row["lam"]: row["dense_test_acc"] for row in result["rows"]})
 
 
 def test_every_arm_trains_with_the_same_budget_optimizer_and_lr_plan():
