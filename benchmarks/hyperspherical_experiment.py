@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from machine import machine_info
+from machine import machine_info, precision_line
 from processes import run_processes
 from prunekit.artifact import load_artifact
 from prunekit.core.energy import filter_energies, low_magnitude_mask, pruned_count
@@ -263,7 +263,7 @@ def summarise(rows: list[dict], args: argparse.Namespace, overhead: dict | None)
                      "one_command_vs_library_max_diff": max(
                          abs(r["one_command"]["test_acc"][ratio] - r["onthefly"][f"{ratio}/none"]["test_acc_after_prune"])
                          for r in group if "one_command" in r for ratio in ratios)}
-    lines = table(arms, ratios, args)
+    lines = table(arms, ratios, args) + ["", precision_line(rows, arm_key="arm")]
     if overhead:
         lines += ["", f"Penalty overhead per training step (one run, {overhead['setup']}): "
                       f"{overhead['penalty_vs_hyperspherical']:.3f}x the plain hyperspherical step, "

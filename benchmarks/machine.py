@@ -26,11 +26,16 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def precision_line(rows: list[dict]) -> str:
-    """Which training precision the runs of a summary used, by seed (rows from before the field say so)."""
-    seeds: dict[str, set[int]] = {}
+def precision_line(rows: list[dict], arm_key: str | None = None) -> str:
+    """Which training precision the runs of a summary used, by seed, or by arm and seed when
+    ``arm_key`` names the rows' arm field (rows from before the field say so)."""
+    runs: dict[str, dict[str, set[int]]] = {}
     for row in rows:
-        seeds.setdefault(row.get("precision", "not recorded"), set()).add(row["seed"])
-    parts = [f"{precision} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, sorted(s)))})"
-             for precision, s in sorted(seeds.items())]
+        arm = str(row[arm_key]) + " " if arm_key else ""
+        runs.setdefault(row.get("precision", "not recorded"), {}).setdefault(arm, set()).add(row["seed"])
+    parts = []
+    for precision in sorted(runs):
+        groups = ", ".join(f"{arm}seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
+                           for arm, seeds in sorted(runs[precision].items()))
+        parts.append(f"{precision} ({groups})")
     return "Training precision: " + "; ".join(parts) + "."
