@@ -107,9 +107,11 @@ def finetune_recipe(arm: str, seed: int, args: argparse.Namespace, checkpoint: P
 
 
 def run_or_resume(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """The recipe's result row: resumed (or read back) when its group exists, else run."""
-    group = out / f"{recipe.name}-{recipe.digest()[:8]}"
-    row = resume(group)[0] if group.is_dir() else run_recipe(recipe, out, source=__file__)[0]
+    """The one-seed recipe's result row: resumed (or read back) when its group exists, else run. A
+    group's name leaves the seeds out, so each seed has its own folder under ``out``."""
+    (seed,) = recipe.seeds
+    group = out / f"seed{seed}" / f"{recipe.name}-{recipe.digest()[:8]}"
+    row = resume(group)[0] if group.is_dir() else run_recipe(recipe, group.parent, source=__file__)[0]
     result = json.loads((Path(row["run_dir"]) / RESULT_FILE).read_text())
     if result.get("status") != "done":
         raise SystemExit(f"run {row['run_dir']} did not finish: {result}")
