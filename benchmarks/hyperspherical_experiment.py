@@ -13,8 +13,8 @@ first seed, the ``--replicated`` arms (default A and C) on every seed. For each 
 own process (``--parallel`` at a time), each step resumable and skipped once done:
 
 1. the arm's recipe run (dense training, then the prune stage at the recipe's ratio) under
-   runs/hyperspherical/<tag>/;
-2. on the fly: the trained model pruned by the prune stage (:func:`prunekit.methods.run_prune`,
+   runs/hyperspherical/<tag>/seed<S>/;
+2. on the fly (kept inside that run, under onthefly/): the trained model pruned by the prune stage (:func:`prunekit.methods.run_prune`,
    what ``prunekit prune`` runs) at every ``--ratios`` value with no retraining, without and with
    each recovery mode, and BN-recalibrated on ``--bn-batches`` training batches as a labelled
    extra; the standard arm is pruned by the magnitude of its raw weights; then the same four
@@ -134,9 +134,10 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                            "precision": train["precision"], "machine": machine_info(),
                            "recipe_prune": stage(run_dir, "prune"), "curve": [m["test_acc"] for m in history],
                            "logged_energy": {k: v for k, v in history[-1]["extra"].items() if "energy" in k}}
-    row["onthefly"] = on_the_fly(recipe, run_dir, out / "onthefly" / f"{arm}-seed{seed}", args)
+    # kept inside the run they evaluate, so a cached result can never be another run's
+    row["onthefly"] = on_the_fly(recipe, run_dir, run_dir / "onthefly", args)
     if seed == args.seeds[0]:  # a speed figure and a consistency check: once per arm
-        row["one_command"] = one_command(arm, run_dir, out / "onthefly" / f"{arm}-seed{seed}-command", args)
+        row["one_command"] = one_command(arm, run_dir, run_dir / "onthefly-command", args)
     if arm in FINETUNED:
         tuned = Path(run_or_resume(finetune_recipe(arm, seed, args, run_dir / "train"), out / "finetune")["run_dir"])
         row["finetune"] = {"ratio": FINETUNE_RATIO, "epochs": args.finetune_epochs,
