@@ -47,6 +47,7 @@ from prunekit.train import Trainer
 PRUNED_ARMS = ("one_shot", "iterative", "agp", "one_cycle")
 RECIPES = Path("recipes/ocp")
 RESULTS = Path("benchmarks/results/ocp")
+RUNS = Path("runs/ocp")
 COLOURS = {"dense": "black", "one_shot": "C0", "iterative": "C1", "agp": "C2", "one_cycle": "C3"}
 CLAIMS = (("one_cycle", "agp"), ("agp", "one_shot"), ("one_shot", "iterative"))
 """The paper's orderings (METHODS §3.6): the first arm of each pair ahead of the second."""
@@ -65,20 +66,21 @@ def arm_schedule(arm: str, args: argparse.Namespace) -> Schedule:
 
 
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict:
-    data = build_data("cifar10", data_dir=args.data_dir, batch_size=128, seed=seed, subset=args.subset)
+    bundle = build_data("cifar10", data_dir=args.data_dir, batch_size=128, seed=seed, subset=args.subset)
     torch.manual_seed(seed)
-    model = build_model("resnet20", num_classes=data.num_classes)
+    model = build_model("resnet20", num_classes=bundle.num_classes)
     recipe = arm_recipe(arm, args)
-    run_dir = Path("runs/ocp") / arm_file(arm, seed, args).relative_to(RESULTS).with_suffix("")
+    run_dir = RUNS / arm_file(arm, seed, args).relative_to(RESULTS).with_suffix("")
 
-    def fit(model, spec, hooks, data=data):
+    def fit(model, spec, hooks, data=None):
+        data = data or bundle
         trainer = Trainer(model, data.train, data.test, spec.config(seed), hooks=hooks, run_dir=run_dir)
         return trainer, trainer.fit(resume=True)
 
     if arm == "dense":
         trainer, result = fit(model, recipe.train, [])
     else:  # the recipe's method itself, trained in this arm's folder
-        context = MethodContext(seed, tuple(data.input_shape), torch.device("cpu"), fit_fn=fit)
+        context = MethodContext(seed, tuple(bundle.input_shape), torch.device("cpu"), fit_fn=fit)
         pruned = recipe.prune.prune(model, context)
         trainer, result = pruned.trainer, pruned.training
     conv = [m.weight for m in trainer.model.modules() if isinstance(m, nn.Conv2d)]
