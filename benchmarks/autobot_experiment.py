@@ -33,8 +33,9 @@ from pathlib import Path
 
 from machine import machine_info
 from processes import run_processes
+from recipe_runs import run_or_resume
 from prunekit.experiment.recipe import Recipe, load_recipe
-from prunekit.experiment.runner import RESULT_FILE, STORE_NAME, resume, run_recipe
+from prunekit.experiment.runner import RESULT_FILE
 from prunekit.io import atomic_path, write_json
 
 RECIPES = Path("recipes/autobot")
@@ -61,18 +62,9 @@ def result_file(arm: str, seed: int, variant: str) -> Path:
     return RESULTS / f"{arm}-seed{seed}-{variant}.json"
 
 
-def run_or_resume(recipe: Recipe, out: Path) -> dict:
-    """Resume the recipe's latest group (``NAME-DIGEST`` or, after a deleted one, ``NAME-DIGEST-N``), else run it."""
-    base = f"{recipe.name}-{recipe.digest()[:8]}"
-    groups = sorted(out.glob(f"{base}*"), key=lambda g: int(g.name[len(base) + 1:] or 1))
-    if groups:
-        return resume(groups[-1])[0]
-    return run_recipe(recipe, out, store=RUNS / STORE_NAME, source="benchmarks/autobot_experiment.py")[0]
-
-
 def run_arm(arm: str, seed: int, variant: str, args: argparse.Namespace) -> dict:
     """Run (or continue) one arm's recipe run; the figures of its result file."""
-    row = run_or_resume(recipe_for(arm, seed, variant, args), RUNS / f"seed{seed}")
+    row = run_or_resume(recipe_for(arm, seed, variant, args), RUNS, source="benchmarks/autobot_experiment.py")
     run_dir = Path(row["run_dir"])
     prune = json.loads((run_dir / "prune" / "stage.json").read_text())
     result = json.loads((run_dir / RESULT_FILE).read_text())

@@ -54,18 +54,20 @@ import torch
 
 from machine import machine_info, precision_line
 from processes import run_processes
+from recipe_runs import run_or_resume
 from prunekit.artifact import load_artifact
 from prunekit.core.energy import filter_energies, low_magnitude_mask, pruned_count
 from prunekit.core.hyperspherical import unit_rows
 from prunekit.core.onthefly import prunable_layers
 from prunekit.experiment.recipe import Recipe, apply_overrides, load_recipe, parse_yaml, validate_prune, validate_recipe
-from prunekit.experiment.runner import RESULT_FILE, resume, run_recipe
+from prunekit.experiment.runner import RESULT_FILE
 from prunekit.experiment.stages import StageContext
 from prunekit.io import atomic_path, write_json
 from prunekit.methods import run_prune
 
 RECIPES = Path("recipes/hyperspherical")
 RUNS = Path("runs/hyperspherical")
+SOURCE = "benchmarks/hyperspherical_experiment.py"
 RESULTS = Path("benchmarks/results/hyperspherical")
 ARMS = {"A": "standard", "B": "hs", "C": "hs_penalty_s0.5", "D": "hs_penalty_s0.7"}
 LABELS = {"A": "A standard", "B": "B hyperspherical", "C": "C HS + penalty s=0.5", "D": "D HS + penalty s=0.7"}
@@ -106,18 +108,6 @@ def finetune_recipe(arm: str, seed: int, args: argparse.Namespace, checkpoint: P
     return validate_recipe(raw, str(path))
 
 
-def run_or_resume(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """The one-seed recipe's result row: resumed (or read back) when its group exists, else run. A
-    group's name leaves the seeds out, so each seed has its own folder under ``out``."""
-    (seed,) = recipe.seeds
-    group = out / f"seed{seed}" / f"{recipe.name}-{recipe.digest()[:8]}"
-    row = resume(group)[0] if group.is_dir() else run_recipe(recipe, group.parent, source=__file__)[0]
-    result = json.loads((Path(row["run_dir"]) / RESULT_FILE).read_text())
-    if result.get("status") != "done":
-        raise SystemExit(f"run {row['run_dir']} did not finish: {result}")
-    return row
-
-
 def stage(run_dir: Path, name: str) -> dict[str, Any]:
     return json.loads((run_dir / name / "stage.json").read_text())
 
@@ -126,7 +116,7 @@ def stage(run_dir: Path, name: str) -> dict[str, Any]:
 def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     out = RUNS / tag(args)
     recipe = arm_recipe(arm, seed, args)
-    run_dir = Path(run_or_resume(recipe, out)["run_dir"])
+    run_dir = Path(run_or_resume(recipe, out, source=SOURCE)["run_dir"])
     train = stage(run_dir, "train")
     history = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     row: dict[str, Any] = {"arm": arm, "recipe": ARMS[arm], "seed": seed, "run_dir": str(run_dir),
@@ -139,7 +129,8 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if seed == args.seeds[0]:  # a speed figure and a consistency check: once per arm
         row["one_command"] = one_command(arm, run_dir, run_dir / "onthefly-command", args)
     if arm in FINETUNED:
-        tuned = Path(run_or_resume(finetune_recipe(arm, seed, args, run_dir / "train"), out / "finetune")["run_dir"])
+        tuned = Path(run_or_resume(finetune_recipe(arm, seed, args, run_dir / "train"), out / "finetune",
+                                    source=SOURCE)["run_dir"])
         row["finetune"] = {"ratio": FINETUNE_RATIO, "epochs": args.finetune_epochs,
                            "after_prune": stage(tuned, "prune")["test_acc_after_prune"],
                            "after_finetune": json.loads((tuned / RESULT_FILE).read_text())["final_test_acc"],

@@ -24,7 +24,8 @@ import json
 import sys
 from pathlib import Path
 
-from hyperspherical_experiment import RECIPES, RESULTS, RUNS, run_or_resume, stage
+from hyperspherical_experiment import RECIPES, RESULTS, RUNS, stage
+from recipe_runs import run_or_resume
 from machine import machine_info
 from processes import run_processes
 from prunekit.experiment.recipe import load_recipe
@@ -38,7 +39,7 @@ def run_lam(lam: float, args: argparse.Namespace) -> dict:
     extra += [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     extra += [f"data.subset={args.subset}"] if args.subset else []
     recipe = load_recipe(RECIPES / f"hs_penalty_s{args.sparsity:g}.yaml", extra)
-    run_dir = Path(run_or_resume(recipe, RUNS / f"lambda-{tag(args)}")["run_dir"])
+    run_dir = Path(run_or_resume(recipe, RUNS / f"lambda-{tag(args)}", source="benchmarks/hyperspherical_lambda.py")["run_dir"])
     last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
     train = stage(run_dir, "train")
     row = {"lam": lam, "dense_test_acc": train["dense_test_acc"], "precision": train["precision"],

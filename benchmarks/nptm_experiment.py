@@ -33,12 +33,14 @@ from pathlib import Path
 
 from machine import machine_info, precision_line
 from processes import run_processes
+from recipe_runs import run_or_resume
 from prunekit.experiment.recipe import Recipe, load_recipe
-from prunekit.experiment.runner import RESULT_FILE, STORE_NAME, resume, run_recipe
+from prunekit.experiment.runner import RESULT_FILE
 from prunekit.io import atomic_path, write_json
 
 RECIPES = Path("recipes/nptm")
 RUNS = Path("runs/nptm")
+SOURCE = "benchmarks/nptm_experiment.py"
 RESULTS = Path("benchmarks/results/nptm")
 CHECKPOINT = Path("benchmarks/checkpoints/resnet20_cifar10_step30")
 # Arms, named by their recipe files (and result files); each arm's LR plan is its recipe's
@@ -77,18 +79,6 @@ def results_dir(args: argparse.Namespace) -> Path:
     return RESULTS / f"subset{args.subset}" if args.subset else RESULTS
 
 
-def group_dir(recipe: Recipe, out: Path) -> Path:
-    return out / f"{recipe.name}-{recipe.digest()[:8]}"
-
-
-def run_or_resume(recipe: Recipe, out: Path, store: Path) -> dict:
-    """The recipe's result row: resumed (or just read back) when its group exists, else run."""
-    group = group_dir(recipe, out)
-    if group.is_dir():
-        return resume(group)[0]
-    return run_recipe(recipe, out, store=store, source="benchmarks/nptm_experiment.py")[0]
-
-
 # ---------------------------------------------------------------------- the dense model
 def ensure_checkpoint(args: argparse.Namespace) -> dict:
     """The committed dense checkpoint's provenance; trains (or resumes) the dense recipe first when it is missing."""
@@ -99,7 +89,7 @@ def ensure_checkpoint(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--subset retrains the committed dense model, but {CHECKPOINT} is missing; "
                          "run without --subset first")
     recipe = dense_recipe(args)
-    row = run_or_resume(recipe, RUNS, RUNS / STORE_NAME)
+    row = run_or_resume(recipe, RUNS, source=SOURCE)
     run_dir = Path(row["run_dir"])
     marker = json.loads((run_dir / "train" / "stage.json").read_text())
     staging = CHECKPOINT.with_name(CHECKPOINT.name + ".tmp")
@@ -128,7 +118,7 @@ def arm_file(criterion: str, plan: str, seed: int, args: argparse.Namespace) -> 
 
 def run_arm(criterion: str, plan: str, seed: int, args: argparse.Namespace) -> dict:
     recipe = arm_recipe(criterion, plan, seed, args)
-    row = run_or_resume(recipe, runs_dir(args) / f"seed{seed}", runs_dir(args) / STORE_NAME)
+    row = run_or_resume(recipe, runs_dir(args), source=SOURCE)
     run_dir = Path(row["run_dir"])
     prune = json.loads((run_dir / "prune" / "stage.json").read_text())
     retrain = json.loads((run_dir / "retrain" / "stage.json").read_text())
