@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from prunekit.core.granularity import NM, get_granularity
-from prunekit.core.selection import keep_count, round_kept
+from prunekit.core.selection import keep_count, round_kept, top_k_indices, top_k_mask
 from prunekit.core.sparsifier import Sparsifier
 from prunekit.core.targets import Target, bisect_macs, parse_target, table_macs
 from prunekit.errors import UserError
@@ -164,6 +164,25 @@ def test_ties_broken_by_index():
     nn.init.constant_(conv.weight, 1.0)
     Sparsifier(conv, "filter").update(0.5)
     assert conv.weight_mask[:, 0, 0, 0].tolist() == [1, 1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64])
+def test_top_k_mask_is_the_stable_sort_choice_with_ties_infinities_nans_and_signed_zeros(dtype):
+    """The linear-time mask keeps exactly the units a stable descending sort ranks first."""
+    g = torch.Generator().manual_seed(0)
+    specials = [0.0, -0.0] + ([float("inf"), float("-inf"), float("nan")] if dtype.is_floating_point else [])
+    for trial in range(300):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        values = torch.randint(-3, 4, (n,), generator=g).double()
+        if trial % 2:
+            values[torch.rand(n, generator=g) < 0.4] = specials[trial % len(specials)]
+        scores = values.to(dtype)
+        for k in range(n + 1):
+            order = torch.sort(-scores, stable=True).indices[:k]
+            expected = torch.zeros(n, dtype=torch.bool)
+            expected[order] = True
+            assert torch.equal(top_k_mask(scores, k), expected), (scores, k)
+            assert torch.equal(top_k_indices(scores, k), order.sort().values)
 
 
 def test_sparsity_zero_and_one():

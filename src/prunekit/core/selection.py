@@ -29,16 +29,31 @@ def keep_count(total: int, fraction_removed: float) -> int:
     return round((1 - fraction_removed) * total)
 
 
+def _top_k_unordered(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the ``k`` largest scores, ties broken by lower index, in rank order."""
+    return torch.sort(-scores.detach().flatten(), stable=True).indices[:k]
+
+
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, ties broken by lower index, returned sorted."""
-    order = torch.sort(-scores.detach().flatten(), stable=True).indices
-    return order[:k].sort().values
+    return _top_k_unordered(scores, k).sort().values
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask shaped like ``scores``: True at exactly the ``k`` largest (ties: lower flat index)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[top_k_indices(scores, k)] = True
+    """Boolean mask shaped like ``scores``: True at exactly the ``k`` largest (ties: lower flat index).
+
+    The same set as a stable sort picks, found in linear time: everything above the k-th largest
+    score, then the lowest-index scores equal to it (a sort when there are NaNs, which rank last).
+    """
+    flat = scores.detach().flatten()
+    if k <= 0 or k >= flat.numel() or torch.isnan(flat).any():
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        mask[_top_k_unordered(flat, k)] = True
+        return mask.view(scores.shape)
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+    mask = flat > threshold
+    ties = torch.nonzero(flat == threshold).flatten()
+    mask[ties[:k - int(mask.sum())]] = True
     return mask.view(scores.shape)
 
 
