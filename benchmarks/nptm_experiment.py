@@ -202,6 +202,7 @@ PAIRS = {  # (better arm, worse arm) as the paper predicts them
     "l1: LRW > FT": ("l1-lr_rewind", "l1-finetune"), "l1: SLR > FT": ("l1-scaled_restart", "l1-finetune"),
     "l1: 1-cycle > FT": ("l1-one_cycle", "l1-finetune"), "l1: 1-cycle >= SLR": ("l1-one_cycle", "l1-scaled_restart"),
     "l1: SLR ≈ LRW": ("l1-scaled_restart", "l1-lr_rewind"),
+    "l1: LRW >= WR (Renda et al.)": ("l1-lr_rewind", "l1-weight_rewind"),
     "random + 1-cycle >= l1 + FT": ("random-one_cycle", "l1-finetune"),
     "random: 1-cycle > FT": ("random-one_cycle", "random-finetune"),
 }
