@@ -8,15 +8,29 @@ import platform
 import torch
 
 
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU features that decide how fast bf16 and fp32 training run (Linux /proc/cpuinfo names)."""
+
+
+def cpu_model_and_flags(cpuinfo: str) -> tuple[str | None, list[str]]:
+    """The first ``model name`` of a /proc/cpuinfo text and which of ``MATMUL_FLAGS`` it lists."""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 None)
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return model, [flag for flag in MATMUL_FLAGS if flag in flags]
+
+
 def machine_info() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), None
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
+            model, flags = cpu_model_and_flags(handle.read())
+        cpu = model or cpu
+    except OSError:
         pass
     return {
         "cpu": cpu,
+        "cpu_flags": flags,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -1,10 +1,11 @@
-"""The precision line of the experiment summaries names every run's training precision."""
+"""The precision line of the experiment summaries names every run's training precision; the
+machine record names the CPU features that set the training speed."""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from machine import precision_line  # noqa: E402
+from machine import cpu_model_and_flags, precision_line  # noqa: E402
 
 
 def test_by_seed_with_rows_from_before_the_field():
@@ -17,3 +18,10 @@ def test_by_arm_and_seed():
             {"arm": "A", "seed": 1, "precision": "bf16"}, {"arm": "C", "seed": 1, "precision": "bf16"},
             {"arm": "C", "seed": 0, "precision": "bf16"}]
     assert precision_line(rows, arm_key="arm") == "Training precision: bf16 (A seed 1, C seeds 0, 1); fp32 (A seed 0, B seed 0)."
+
+
+def test_cpu_model_and_the_matmul_flags_it_has():
+    cpuinfo = ("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+               "\nprocessor\t: 1\nmodel name\t: Some Xeon\n")
+    assert cpu_model_and_flags(cpuinfo) == ("Some Xeon", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"])
+    assert cpu_model_and_flags("flags : sse2 avx2\n") == (None, ["avx2"])
