@@ -257,7 +257,7 @@ def summarise(rows: list[dict], args: argparse.Namespace, overhead: dict | None)
                      "one_command_vs_library_max_diff": max(
                          abs(r["one_command"]["test_acc"][ratio] - r["onthefly"][f"{ratio}/none"]["test_acc_after_prune"])
                          for r in group if "one_command" in r for ratio in ratios)}
-    lines = table(arms, ratios, args) + ["", precision_line(rows, arm_key="arm")]
+    lines = table(arms, ratios, args) + ["", precision_line(rows, arm=lambda row: row["arm"])]
     if overhead:
         lines += ["", f"Penalty overhead per training step (one run, {overhead['setup']}): "
                       f"{overhead['penalty_vs_hyperspherical']:.3f}x the plain hyperspherical step, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 
 import torch
 
@@ -40,16 +41,20 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def precision_line(rows: list[dict], arm_key: str | None = None) -> str:
-    """Which training precision the runs of a summary used, by seed, or by arm and seed when
-    ``arm_key`` names the rows' arm field (rows from before the field say so)."""
+def precision_line(rows: list[dict], arm: Callable[[dict], str] | None = None) -> str:
+    """Which training precision the runs of a summary used: by seed when every seed's runs share
+    one, else by ``arm(row)`` and seed (rows from before the field say "not recorded")."""
+    by_seed: dict[int, set[str]] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], set()).add(row.get("precision", "not recorded"))
+    per_arm = arm is not None and any(len(precisions) > 1 for precisions in by_seed.values())
     runs: dict[str, dict[str, set[int]]] = {}
     for row in rows:
-        arm = str(row[arm_key]) + " " if arm_key else ""
-        runs.setdefault(row.get("precision", "not recorded"), {}).setdefault(arm, set()).add(row["seed"])
+        name = arm(row) + " " if per_arm else ""
+        runs.setdefault(row.get("precision", "not recorded"), {}).setdefault(name, set()).add(row["seed"])
     parts = []
     for precision in sorted(runs):
-        groups = ", ".join(f"{arm}seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
-                           for arm, seeds in sorted(runs[precision].items()))
+        groups = ", ".join(f"{name}seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
+                           for name, seeds in sorted(runs[precision].items()))
         parts.append(f"{precision} ({groups})")
     return "Training precision: " + "; ".join(parts) + "."

@@ -187,7 +187,8 @@ def summarise(rows: list[dict], dense: dict, args: argparse.Namespace) -> None:
     first = rows[0]
     lines += ["", f"Dense ResNet-20 (T = {dense['epochs']} epochs, seed {dense['seed']}): {100 * base:.2f} % "
               f"test accuracy. Pruned (resnet20-B): {first['params'] / first['dense_params']:.3f}x params, "
-              f"{first['macs'] / first['dense_macs']:.3f}x MACs ({first['params_removed']:.1%} of params removed).", "", precision_line(rows)]
+              f"{first['macs'] / first['dense_macs']:.3f}x MACs ({first['params_removed']:.1%} of params removed).", "",
+              precision_line(rows, arm=lambda row: f"{row['criterion']} + {row['plan']}")]
     write_json(results_dir(args) / f"summary-t{args.budget}.json",
                {"budget": args.budget, "dense": dense, "arms": arms, "paired": paired, "runs": rows,
                 "machine": machine_info()})

@@ -156,20 +156,24 @@ def summarise(rows: list[dict], args: argparse.Namespace) -> None:
     summary = {}
     for arm, group in by_arm.items():
         accs = [r["final_test_acc"] for r in group]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        std = statistics.stdev(accs) if len(accs) > 1 else None
         summary[arm] = {"mean": statistics.mean(accs), "std": std, "seeds": len(accs),
                         "conv_sparsity": statistics.mean(r["conv_sparsity"] for r in group),
                         "wall_time_s": statistics.mean(r["wall_time_s"] for r in group)}
         s = summary[arm]
-        lines.append(f"| {arm} | {100 * s['mean']:.2f} ± {100 * std:.2f} % | {len(accs)} | "
+        spread = f" ± {100 * std:.2f}" if std is not None else ""
+        lines.append(f"| {arm} | {100 * s['mean']:.2f}{spread} % | {len(accs)} | "
                      f"{100 * s['conv_sparsity']:.2f} % | {s['wall_time_s'] / 60:.0f} min |")
     claims = paired(rows, seeds)
-    lines += ["", f"Paired per-seed differences (seeds {', '.join(map(str, seeds))}), in points:", ""]
+    several = len(seeds) > 1
+    lines += ["", f"Paired per-seed differences (seed{'s' if several else ''} {', '.join(map(str, seeds))}), "
+              "in points:", ""]
     for claim in claims:
         per_seed = ", ".join(f"{100 * d:+.2f}" for d in claim["differences"].values())
-        verdict = "held on every seed" if claim["held_on_every_seed"] else "did not hold on every seed"
+        held, where = claim["held_on_every_seed"], "on every seed" if several else "on the one seed"
+        verdict = f"held {where}" if held else f"did not hold {where}"
         lines.append(f"- {claim['claim']}: {per_seed} (mean {100 * claim['mean']:+.2f}): {verdict}")
-    lines += ["", precision_line(rows)]
+    lines += ["", precision_line(rows, arm=lambda row: row["arm"])]
     if missing:
         lines += ["", f"Not finished (left out of this summary): {', '.join(missing)}."]
     write_json(results_dir(args) / f"summary-s{args.sparsity:g}-e{args.epochs}.json",

@@ -17,7 +17,16 @@ def test_by_arm_and_seed():
     rows = [{"arm": "A", "seed": 0, "precision": "fp32"}, {"arm": "B", "seed": 0, "precision": "fp32"},
             {"arm": "A", "seed": 1, "precision": "bf16"}, {"arm": "C", "seed": 1, "precision": "bf16"},
             {"arm": "C", "seed": 0, "precision": "bf16"}]
-    assert precision_line(rows, arm_key="arm") == "Training precision: bf16 (A seed 1, C seeds 0, 1); fp32 (A seed 0, B seed 0)."
+    assert precision_line(rows, arm=lambda row: row["arm"]) == (
+        "Training precision: bf16 (A seed 1, C seeds 0, 1); fp32 (A seed 0, B seed 0).")
+
+
+def test_by_seed_when_every_seed_has_one_precision():
+    rows = [{"arm": "A", "seed": 0, "precision": "fp32"}, {"arm": "B", "seed": 0, "precision": "fp32"},
+            {"arm": "A", "seed": 1, "precision": "bf16"}, {"arm": "B", "seed": 1}]
+    assert precision_line(rows[:3], arm=lambda row: row["arm"]) == "Training precision: bf16 (seed 1); fp32 (seed 0)."
+    assert precision_line(rows, arm=lambda row: row["arm"]) == (
+        "Training precision: bf16 (A seed 1); fp32 (A seed 0, B seed 0); not recorded (B seed 1).")
 
 
 def test_cpu_model_and_the_matmul_flags_it_has():
