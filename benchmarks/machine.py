@@ -43,18 +43,23 @@ def machine_info() -> dict[str, object]:
 
 def precision_line(rows: list[dict], arm: Callable[[dict], str] | None = None) -> str:
     """Which training precision the runs of a summary used: by seed when every seed's runs share
-    one, else by ``arm(row)`` and seed (rows from before the field say "not recorded")."""
+    one, else by seed and ``arm(row)``, arms with the same seeds listed together (rows from before
+    the field say "not recorded")."""
     by_seed: dict[int, set[str]] = {}
     for row in rows:
         by_seed.setdefault(row["seed"], set()).add(row.get("precision", "not recorded"))
     per_arm = arm is not None and any(len(precisions) > 1 for precisions in by_seed.values())
     runs: dict[str, dict[str, set[int]]] = {}
     for row in rows:
-        name = arm(row) + " " if per_arm else ""
+        name = arm(row) if per_arm else ""
         runs.setdefault(row.get("precision", "not recorded"), {}).setdefault(name, set()).add(row["seed"])
     parts = []
     for precision in sorted(runs):
-        groups = ", ".join(f"{name}seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
-                           for name, seeds in sorted(runs[precision].items()))
-        parts.append(f"{precision} ({groups})")
+        arms_by_seeds: dict[tuple[int, ...], list[str]] = {}
+        for name, seeds in sorted(runs[precision].items()):
+            arms_by_seeds.setdefault(tuple(sorted(seeds)), []).append(name)
+        groups = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+                  + (f" of {', '.join(names)}" if per_arm else "")
+                  for seeds, names in sorted(arms_by_seeds.items(), key=lambda item: (-len(item[0]), item))]
+        parts.append(f"{precision} ({' and '.join(groups)})")
     return "Training precision: " + "; ".join(parts) + "."

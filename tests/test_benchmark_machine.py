@@ -18,7 +18,7 @@ def test_by_arm_and_seed():
             {"arm": "A", "seed": 1, "precision": "bf16"}, {"arm": "C", "seed": 1, "precision": "bf16"},
             {"arm": "C", "seed": 0, "precision": "bf16"}]
     assert precision_line(rows, arm=lambda row: row["arm"]) == (
-        "Training precision: bf16 (A seed 1, C seeds 0, 1); fp32 (A seed 0, B seed 0).")
+        "Training precision: bf16 (seeds 0, 1 of C and seed 1 of A); fp32 (seed 0 of A, B).")
 
 
 def test_by_seed_when_every_seed_has_one_precision():
@@ -26,7 +26,7 @@ def test_by_seed_when_every_seed_has_one_precision():
             {"arm": "A", "seed": 1, "precision": "bf16"}, {"arm": "B", "seed": 1}]
     assert precision_line(rows[:3], arm=lambda row: row["arm"]) == "Training precision: bf16 (seed 1); fp32 (seed 0)."
     assert precision_line(rows, arm=lambda row: row["arm"]) == (
-        "Training precision: bf16 (A seed 1); fp32 (A seed 0, B seed 0); not recorded (B seed 1).")
+        "Training precision: bf16 (seed 1 of A); fp32 (seed 0 of A, B); not recorded (seed 1 of B).")
 
 
 def test_cpu_model_and_the_matmul_flags_it_has():
