@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from prunekit.core.manifest import Manifest, apply_manifest
+from prunekit.core.compaction import apply_manifest
+from prunekit.core.manifest import Manifest
 from prunekit.core.masks import MaskSet, read_masks
 from prunekit.core.transforms import recorded, replay
 from prunekit.errors import UserError

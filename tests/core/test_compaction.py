@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.artifact import ModelSpec, save_artifact
-from prunekit.core.compaction import compact
+from prunekit.core.compaction import apply_manifest, compact
 from prunekit.core.groups import channel_groups, group_masks
 from prunekit.core.importance import l1_filter_scores
-from prunekit.core.manifest import Manifest, apply_manifest
+from prunekit.core.manifest import Manifest
 from prunekit.core.report import compaction_report
 from prunekit.core.selection import top_k_indices
 from prunekit.errors import UserError

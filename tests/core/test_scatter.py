@@ -9,7 +9,7 @@ import torch
 
 from gate_helpers import X, probe, random_masks, trained_like
 from prunekit.core.gates import gate_values, insert_gates, remove_gates, set_gates
-from prunekit.core.manifest import apply_manifest
+from prunekit.core.compaction import apply_manifest
 from prunekit.core.scatter import ScatterAdd, ScatterBlock, basic_blocks, prune_channels, scatter_residual
 from prunekit.core.transforms import recorded, replay
 from prunekit.errors import UserError

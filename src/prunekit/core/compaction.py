@@ -202,3 +202,20 @@ def _verify(model: nn.Module, probe: torch.Tensor, reference: torch.Tensor, atol
                                  f"|difference| {diff:.3g} > {atol:g} x output scale {scale:.3g}")
     log.info("compaction verified: max |compacted - masked| = %.3g", diff)
     return diff
+
+
+def apply_manifest(model: nn.Module, manifest: Manifest, example_input: torch.Tensor) -> nn.Module:
+    """Remove the manifest's channels from a dense ``model`` (in place); returns it.
+
+    Only shapes matter here: load the compacted weights afterwards.
+    """
+    modules = dict(model.named_modules())
+    for root, width in manifest.channels.items():
+        layer = modules.get(root)
+        if layer is None:
+            raise UserError(f"manifest: names layer {root!r}, which this {type(model).__name__} does not have")
+        dense = getattr(layer, "out_channels", getattr(layer, "out_features", None))
+        if dense != width:
+            raise UserError(f"manifest: layer {root!r} has {dense} output channels in this model, "
+                            f"the manifest expects {width}")
+    return compact(model, manifest.keep(), example_input, verify=False).model

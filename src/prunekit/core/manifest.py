@@ -1,8 +1,9 @@
 """The kept channels of a compacted model, as JSON: enough to rebuild it from the dense one.
 
 A compacted model is saved as its architecture name + this manifest + its weights. Loading
-builds the dense architecture, removes the same channels (:func:`apply_manifest`), then
-loads the weights into the now matching shapes.
+builds the dense architecture, removes the same channels
+(:func:`prunekit.core.compaction.apply_manifest`), then loads the weights into the now matching
+shapes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import UserError
 
@@ -64,21 +64,3 @@ class Manifest:
             channels[root], kept[root] = width, indices
         return cls(channels, kept)
 
-
-def apply_manifest(model: nn.Module, manifest: Manifest, example_input: torch.Tensor) -> nn.Module:
-    """Remove the manifest's channels from a dense ``model`` (in place); returns it.
-
-    Only shapes matter here: load the compacted weights afterwards.
-    """
-    from prunekit.core.compaction import compact  # compaction builds manifests: import here, not at the top
-
-    modules = dict(model.named_modules())
-    for root, width in manifest.channels.items():
-        layer = modules.get(root)
-        if layer is None:
-            raise UserError(f"manifest: names layer {root!r}, which this {type(model).__name__} does not have")
-        dense = getattr(layer, "out_channels", getattr(layer, "out_features", None))
-        if dense != width:
-            raise UserError(f"manifest: layer {root!r} has {dense} output channels in this model, "
-                            f"the manifest expects {width}")
-    return compact(model, manifest.keep(), example_input, verify=False).model
