@@ -242,9 +242,10 @@ def plot_curves(rows: list[dict], dense_acc: float, args: argparse.Namespace) ->
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4.4), layout="constrained")
+    criteria = [c for c in CRITERIA if any(r["criterion"] == c for r in rows)]
+    figure = Figure(figsize=(5.5 * len(criteria), 4.4), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = dict(zip(CRITERIA, figure.subplots(1, 2, sharey=True)))
+    axes = dict(zip(criteria, figure.subplots(1, len(criteria), sharey=True, squeeze=False)[0]))
     for criterion, ax in axes.items():
         for plan in dict.fromkeys(r["plan"] for r in rows):
             runs = [r for r in rows if r["criterion"] == criterion and r["plan"] == plan]
@@ -256,9 +257,9 @@ def plot_curves(rows: list[dict], dense_acc: float, args: argparse.Namespace) ->
         ax.set(xlabel="retraining epoch (0 = right after pruning)", title=f"{criterion} filter pruning (resnet20-B)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[CRITERIA[0]].set_ylabel("test accuracy (%)")
+    axes[criteria[0]].set_ylabel("test accuracy (%)")
     low = min(100 * a for r in rows for a in r["curve"][len(r["curve"]) // 2:])
-    axes[CRITERIA[0]].set_ylim(low - 2, 100 * dense_acc + 1.5)
+    axes[criteria[0]].set_ylim(low - 2, 100 * dense_acc + 1.5)
     with atomic_path(results_dir(args) / f"curves-t{args.budget}.png") as tmp:
         figure.savefig(tmp, format="png", dpi=110)
 
