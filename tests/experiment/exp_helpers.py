@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from prunekit.train.hooks import Hook
+
 TINY: dict[str, Any] = {
     "name": "tiny",
     "model": {"name": "small_cnn"},
@@ -33,3 +35,14 @@ def write_recipe(path: Path, data: dict[str, Any] | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+class Crash(Hook):
+    """Raise in the middle of epoch ``epoch`` (0-based) of the stage it is attached to."""
+
+    def __init__(self, epoch: int, step_in_epoch: int) -> None:
+        self.epoch, self.step_in_epoch = epoch, step_in_epoch
+
+    def on_step_begin(self, trainer) -> None:
+        if trainer.global_step == self.epoch * trainer.steps_per_epoch + self.step_in_epoch:
+            raise RuntimeError("simulated crash mid-epoch")

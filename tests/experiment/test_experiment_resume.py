@@ -14,24 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from cli_runner import run_cli
-from exp_helpers import TINY, recipe, write_recipe
+from exp_helpers import TINY, Crash, recipe, write_recipe
 from prunekit.experiment.recipe import load_recipe
 from prunekit.experiment.runner import run_recipe
 from prunekit.experiment.store import RESULT_COLUMNS, ResultsStore
-from prunekit.train.hooks import Hook
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Crash(Hook):
-    """Raise in the middle of epoch ``epoch`` (0-based) of the stage it is attached to."""
-
-    def __init__(self, epoch: int, step_in_epoch: int) -> None:
-        self.epoch, self.step_in_epoch = epoch, step_in_epoch
-
-    def on_step_begin(self, trainer) -> None:
-        if trainer.global_step == self.epoch * trainer.steps_per_epoch + self.step_in_epoch:
-            raise RuntimeError("simulated crash mid-epoch")
 
 
 def only_run(group_dir: Path) -> Path:
