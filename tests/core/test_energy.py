@@ -105,6 +105,13 @@ def test_lambda_ramp_and_sparsity_schedule():
     assert value.item() == pytest.approx(106 / 225)
 
 
+def test_the_ramped_lambda_is_the_one_that_scales_the_penalty():
+    penalty = PrunedEnergyPenalty({"conv": hand_conv()}, lam=2.0, sparsity=0.5, lam_ramp=0.1)
+    assert penalty(1.0)[0].item() == pytest.approx(106 / 225)  # λ = 2 on the same 3 entries as above
+    assert penalty(0.05)[0].item() == pytest.approx(53 / 225)  # half-way up the ramp: λ = 1
+    assert penalty(0.0)[0].item() == 0.0 and penalty(0.0)[1].item() > 0  # λ = 0, the energy is not
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"lam": -1.0}, "lam"), ({"lam": float("nan")}, "lam"), ({"sparsity": 1.0}, "sparsity"),
     ({"sparsity": -0.1}, "sparsity"), ({"sparsity": 70}, "sparsity"), ({"lam_ramp": 1.5}, "lam_ramp"),
