@@ -229,6 +229,16 @@ def test_sparsity_and_lambda_ramps_follow_the_progress():
     assert [m.extra["penalty_sparsity"] for m in history] == pytest.approx([0.3, 0.6, 0.6, 0.6])
 
 
+def test_a_classifier_left_dense_is_left_out_of_the_penalty():
+    hook, = method(lam=1.0, prune_classifier=False).train_hooks(None)
+    torch.manual_seed(0)
+    model = method().prepare(build_model("small_cnn", num_classes=3, in_channels=1))
+    trainer = Trainer(model, *loaders(), TrainConfig(epochs=1, lr=0.05, precision="fp32"), hooks=[hook])
+    extra = trainer.fit().history[-1].extra
+    assert {k for k in extra if k.startswith("pruned_energy/")} == {"pruned_energy/features.1.0",
+                                                                     "pruned_energy/features.2.0"}
+
+
 def tiny_data():
     train, test = loaders()
     return DataBundle(train, test, 3, (1, 8, 8), "tiny")
