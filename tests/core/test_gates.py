@@ -82,6 +82,12 @@ def test_placement_on_cifar_resnets():
     assert list(gates(insert_gates(option_b, X, residual="keep"))) == [f"{b}.conv1" for b in blocks]
 
 
+def test_vgg_gates_its_13_convs_and_not_the_hidden_linear():
+    model = build_model("vgg16_bn")
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [entry["root"] for entry in plan_gates(model, X)] == convs and len(convs) == 13
+
+
 def test_depthwise_chains_are_gated_once_after_the_depthwise_conv():
     gated = insert_gates(build_model("mobilenetv2"), X)
     names = _gated_modules(gated)

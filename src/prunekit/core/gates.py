@@ -7,8 +7,9 @@ and parameter names. A gated module is wrapped in :class:`Gated` (its parameters
 ``bn1.weight`` to ``bn1.module.weight`` while gated); :func:`remove_gates` puts the original
 modules back, weights untouched, and drops the transform record.
 
-Which channels: one gate vector per prunable channel group (not blocked, classifier outputs
-excluded; :func:`~prunekit.core.prune_once.filter_prunable_layers`), keyed by the group's root.
+Which channels: one gate vector per prunable channel group whose root is a conv (not blocked,
+classifier outputs excluded; :func:`~prunekit.core.layers.filter_prunable_layers`; hidden Linear
+layers are not gated), keyed by the group's root.
 Channels tied by a residual addition share the group's one vector (``residual="coupled"``, the
 paper's ResNet-50); ``"keep"`` leaves such groups ungated, so residual widths stay whole;
 ``"scatter"`` is ``"keep"`` plus a vector of its own for every CIFAR basic block's ``conv2``
@@ -97,7 +98,9 @@ def plan_gates(model: nn.Module, example_input: torch.Tensor, residual: Residual
     names = {m: n for n, m in model.named_modules()}
     plan = []
     for group in channel_groups(model, example_input, graph=graph):
-        if group.root not in prunable or (residual != "coupled" and _residual(model, group)):
+        if group.root not in prunable or not isinstance(model.get_submodule(group.root), nn.modules.conv._ConvNd):
+            continue  # §4.2 gates the filters of convs: a hidden Linear (VGG's classifier) stays whole
+        if residual != "coupled" and _residual(model, group):
             continue
         after = [_gated_output(graph, names, model.get_submodule(layer)) for layer in _gate_points(model, graph, group)]
         plan.append({"root": group.root, "channels": group.channels, "after": after})
