@@ -130,6 +130,14 @@ def test_autobot_prunes_to_the_target_and_the_pruned_model_is_the_zero_one_gated
         original.layer2[1].conv1.weight, block.conv1.weight)])
 
 
+def test_gate_training_reports_its_passes_and_warns_when_it_repeats_images(tmp_path, caplog):
+    one_pass = method(batches=6, batch_size=16).prune(resnet20(), context(tmp_path / "a")).summary
+    assert one_pass["gate_training_passes"] == 1.0 and "no repetition" not in caplog.text
+    repeated = method(batches=9, batch_size=16).prune(resnet20(), context(tmp_path / "b")).summary
+    assert repeated["gate_training_passes"] == 1.5 and repeated["gate_steps"] == 9
+    assert "batches: 9 gate-training batches are 1.50 passes over the 6 batches" in caplog.text
+
+
 def _kept_rows(dense: torch.Tensor, pruned: torch.Tensor) -> list[int]:
     """Indices of the dense filters the pruned weight kept (kept filters keep their weights)."""
     return [next(i for i in range(len(dense)) if torch.equal(dense[i], row)) for row in pruned]

@@ -177,6 +177,10 @@ class AutoBot(Method):
         config = TrainConfig(steps=self.batches, optimizer="adam", lr=self.lr, weight_decay=0.0, lr_plan="constant",
                              trainable=TRAINABLE, eval_mode=True, precision="fp32", seed=ctx.seed)
         data = replace(ctx.data_with(batch_size=self.batch_size), test=None)  # no test pass of the soft gates
+        passes = self.batches / len(data.train)
+        if passes > 1:
+            log.warning("batches: %d gate-training batches are %.2f passes over the %d batches of the training "
+                        "split; METHODS §4.5 makes one pass with no repetition", self.batches, passes, len(data.train))
         hook = GateTraining(costs, target, dense, beta=self.beta, gamma=self.gamma,
                             best=BestGates(self.keep_after), steps=self.batches)
         began = time.perf_counter()
@@ -190,6 +194,7 @@ class AutoBot(Method):
                  result.wall_time_s, best.step, best.loss, f"{soft:,.0f}")
         return best.gates, {"gate_training_wall_time_s": result.wall_time_s, "gate_training_call_s": elapsed,
                             "gate_steps": trainer.global_step, "gate_batch_size": self.batch_size,
+                            "gate_training_passes": passes,
                             "kept_step": best.step, "kept_loss": best.loss, "kept_soft_macs": soft,
                             "final_soft_macs": hook.last_macs}
 
