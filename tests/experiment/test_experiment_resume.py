@@ -45,7 +45,7 @@ def assert_same_outcome(run_dir: Path, reference_dir: Path, stages: tuple[str, .
         assert got[key] == want[key], key
 
 
-def test_crash_mid_epoch_is_recorded_as_failed_then_resumes_exactly(capsys, tmp_path):
+def test_crash_mid_epoch_is_recorded_as_failed_then_resumes_exactly(capsys, caplog, tmp_path):
     file = write_recipe(tmp_path / "tiny.yaml", TINY)
     runs = tmp_path / "runs"
     crash = lambda stage: [Crash(epoch=1, step_in_epoch=7)] if stage == "retrain" else []  # noqa: E731
@@ -63,9 +63,11 @@ def test_crash_mid_epoch_is_recorded_as_failed_then_resumes_exactly(capsys, tmp_
     assert torch.load(run_dir / "retrain" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (run_dir / "retrain" / "stage.json").exists()
 
+    caplog.set_level("INFO", logger="prunekit.train.trainer")
     code, out, err = run_cli(capsys, "run", "--resume", run_dir)
     assert code == 0, err
     assert "train: already done, skipped" in out and "prune: already done, skipped" in out
+    assert "checkpoints/last.pt at epoch 1" in caplog.text  # the retrain stage continued, not restarted
     row = store.get(row["run_id"])
     assert row["status"] == "done" and row["error"] is None and row["final_test_acc"] is not None
 
