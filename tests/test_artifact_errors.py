@@ -59,3 +59,20 @@ def test_manifest_errors_name_the_problem(capsys, tmp_path):
     edit(tmp_path, manifest={**stored["manifest"], "layers": {"nowhere.conv": layers["layer1.0.conv1"]}})
     code, _, err = run_cli(capsys, "eval", tmp_path)
     assert code == 2 and "names layer 'nowhere.conv', which this CifarResNet does not have" in err, err
+
+
+def test_a_save_killed_mid_way_over_an_older_model_leaves_no_model_json(capsys, saved, monkeypatch):
+    from prunekit.core.masks import MaskSet
+
+    def killed(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MaskSet, "save", killed)
+    model = build_model("small_cnn", in_channels=1)
+    masks = MaskSet({"features.0.0": model.get_submodule("features.0.0")})
+    with pytest.raises(KeyboardInterrupt):
+        save_artifact(model, ModelSpec(model="small_cnn", num_classes=10, in_channels=1, input_shape=(1, 8, 8),
+                                       data="digits"), saved, masks=masks)
+    assert not (saved / "model.json").exists()  # new weights, no spec: refused, never read as the old model
+    code, _, err = run_cli(capsys, "eval", saved)
+    assert code == 2 and "has no model.json" in err, err

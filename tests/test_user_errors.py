@@ -140,6 +140,8 @@ CASES = [
          "cannot write 'afile/pruned/", cifar_model),
     Case("export-onnx-under-file", ("export", "model", "--onnx", "afile/model.onnx"),
          "cannot write 'afile/model.onnx'", cifar_model),
+    Case("run-resume-a-file", ("run", "--resume", "afile"),
+         "--resume: 'afile' is neither a run directory (run.json) nor a group directory", a_file),
     # defect 9: a resume that contradicts the recorded run
     Case("resume-other-model", ("train", "--model", "resnet20", "--out", "run", "--resume"),
          "--model: 'resnet20' contradicts the run's recorded 'small_cnn'", finished_run),

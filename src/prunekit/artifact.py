@@ -59,7 +59,8 @@ class ModelSpec:
 
 def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path, *,
                   manifest: Manifest | None = None, masks: MaskSet | None = None) -> Path:
-    """Write the weights (+ ``masks``), then ``model.json`` (last: its presence marks completeness).
+    """Write the weights (+ ``masks``), then ``model.json`` (last: its presence marks completeness,
+    so an older one is removed first and a kill mid-way never leaves new weights under an old spec).
 
     Pass the ``manifest`` of a model compacted here (it is composed with one the spec already
     has); the transforms recorded on ``model`` go into ``model.json``.
@@ -71,6 +72,7 @@ def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path, *,
     spec = replace(spec, transforms=recorded(model),
                    manifest=manifest.to_dict() if manifest is not None else spec.manifest,
                    masks={"file": MASKS_NAME, "granularity": masks.granularity.name} if masks else None)
+    (directory / SPEC_NAME).unlink(missing_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), force_contiguous=True)
     if masks:

@@ -164,10 +164,10 @@ def recipe_data(recipe: Recipe, **changes: Any) -> DataBundle:
 
 # ---------------------------------------------------------------------- the stages
 def read_json(path: Path) -> Any:
-    """The JSON document at ``path``, or None when there is none."""
+    """The JSON document at ``path``, or None when there is none (also when a parent is a file)."""
     try:
         return json.loads(Path(path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
 
 
