@@ -28,7 +28,7 @@ from prunekit.core.manifest import Manifest
 from prunekit.core.masks import MaskSet, read_masks
 from prunekit.core.transforms import recorded, replay
 from prunekit.errors import UserError
-from prunekit.io import atomic_path, write_json
+from prunekit.io import atomic_path, discards_writes, write_json
 from prunekit.models import build_model
 
 SPEC_NAME = "model.json"
@@ -72,7 +72,11 @@ def save_artifact(model: nn.Module, spec: ModelSpec, directory: str | Path, *,
     spec = replace(spec, transforms=recorded(model),
                    manifest=manifest.to_dict() if manifest is not None else spec.manifest,
                    masks={"file": MASKS_NAME, "granularity": masks.granularity.name} if masks else None)
-    (directory / SPEC_NAME).unlink(missing_ok=True)
+    if not discards_writes():
+        try:
+            (directory / SPEC_NAME).unlink()
+        except (FileNotFoundError, NotADirectoryError):  # nothing older; an unwritable --out fails just below
+            pass
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_model(model, str(tmp), force_contiguous=True)
     if masks:
